@@ -1,0 +1,40 @@
+"""Functional core: any ``nn.Module`` as a pure function of its parameters (``torch.func``).
+
+Parameter selection, loss gradients, per-example gradients, and matrix-free Jacobian-vector,
+vector-Jacobian and Hessian-vector products, plus flat-vector helpers. See
+:mod:`lmech.core.functional` for the math and conventions.
+"""
+
+from lmech.core.functional import (
+    DEFAULT_MAX_BYTES,
+    FunctionalModel,
+    ParamSelector,
+    flatten,
+    hvp,
+    jacobian,
+    jvp,
+    loss_and_grad,
+    per_example_grads,
+    tree_add,
+    tree_dot,
+    tree_scale,
+    unflatten,
+    vjp,
+)
+
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "FunctionalModel",
+    "ParamSelector",
+    "flatten",
+    "hvp",
+    "jacobian",
+    "jvp",
+    "loss_and_grad",
+    "per_example_grads",
+    "tree_add",
+    "tree_dot",
+    "tree_scale",
+    "unflatten",
+    "vjp",
+]

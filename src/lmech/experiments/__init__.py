@@ -1,0 +1,66 @@
+"""The experiment catalog.
+
+``lmech.experiments.names()`` lists the entries; ``get(name)`` returns an :class:`Experiment`;
+``run_experiment(name, sets, seed, out)`` runs one into the run store, as ``lmech run`` does.
+Entries are modules that are imported on first use, so listing the catalog stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from lmech.experiments.base import CheckRow, ConfigError, Experiment
+
+# name -> module that defines it (module-level constant EXPERIMENT)
+_CATALOG: dict[str, str] = {
+    "grokking": "lmech.experiments.grokking",
+}
+
+
+def names() -> list[str]:
+    return list(_CATALOG)
+
+
+def get(name: str) -> Experiment:
+    if name not in _CATALOG:
+        raise ConfigError(f"unknown experiment {name!r}; known: {', '.join(_CATALOG)} (see `lmech list`)")
+    return importlib.import_module(_CATALOG[name]).EXPERIMENT
+
+
+def run_experiment(name: str, sets: list[str] | dict[str, Any] | None = None, seed: int = 0,
+                   out: str | Path = "runs", quick: bool = False, sweep: str | None = None,
+                   run_id: str | None = None,
+                   on_start: Callable[[Any, Any], None] | None = None) -> dict:
+    """Validate the config (nothing is written if it is bad), then run it into the store.
+
+    Returns a summary dict: ``id``, ``path``, ``state``, ``message``, ``result`` and ``checks``.
+    """
+    from lmech.runs import RunStore
+
+    exp = get(name)
+    cfg = exp.make_config(sets, quick=quick)
+    import dataclasses
+
+    config = dataclasses.asdict(cfg)
+    store = RunStore(Path(out))
+    run = store.create(name, config, seed, sweep=sweep, run_id=run_id)
+    if on_start is not None:
+        on_start(run, cfg)
+    start = time.perf_counter()
+    checks: list[CheckRow] = []
+    with run:
+        result = exp.run(cfg, run, seed) or {}
+        result["wall_time_s"] = round(time.perf_counter() - start, 3)
+        if exp.check is not None:
+            checks = exp.check(result)
+            result["checks"] = [c.as_dict() for c in checks]
+        run.set_result(**result)
+    status = store.status(run.id)
+    return {"id": run.id, "path": str(run.path), "state": status["state"], "message": status.get("message", ""),
+            "result": store.result(run.id), "checks": checks}
+
+
+__all__ = ["CheckRow", "ConfigError", "Experiment", "get", "names", "run_experiment"]

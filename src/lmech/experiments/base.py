@@ -1,0 +1,161 @@
+"""What an experiment is: a config dataclass, ``run(config, run, seed)``, ``check(result)``.
+
+An experiment module defines a ``@dataclass`` config whose fields are its keys (types drive the
+parsing of ``--set key=value``; ``typing.Literal`` fields list their allowed values), a ``run``
+function that trains and logs into a :class:`lmech.runs.Run`, and optionally a ``check`` function
+returning :class:`CheckRow` rows (theory or target vs measurement). It registers itself with
+:func:`lmech.experiments.register`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Callable, Literal, get_args, get_origin
+
+
+class ConfigError(ValueError):
+    """A bad experiment name, key or value. Its message is one line saying what to do."""
+
+
+@dataclass
+class CheckRow:
+    """One line of a theory-vs-measurement table.
+
+    ``passed`` is decided by the experiment (relative error within tolerance, or a one-sided bound);
+    ``rel_err`` is ``|measured - predicted| / |predicted|`` when both are numbers.
+    """
+
+    quantity: str
+    predicted: float | str
+    measured: float | str
+    tolerance: float | str
+    passed: bool
+    rel_err: float | None = None
+
+    @classmethod
+    def relative(cls, quantity: str, predicted: float, measured: float, tolerance: float) -> "CheckRow":
+        rel = abs(measured - predicted) / max(abs(predicted), 1e-300)
+        ok = math.isfinite(rel) and rel <= tolerance
+        return cls(quantity, predicted, measured, tolerance, ok, rel)
+
+    @classmethod
+    def at_least(cls, quantity: str, bound: float, measured: float | None) -> "CheckRow":
+        ok = measured is not None and math.isfinite(measured) and measured >= bound
+        return cls(quantity, f">= {bound:g}", "n/a" if measured is None else measured, "one-sided", ok)
+
+    @classmethod
+    def at_most(cls, quantity: str, bound: float, measured: float | None) -> "CheckRow":
+        ok = measured is not None and math.isfinite(measured) and measured <= bound
+        return cls(quantity, f"<= {bound:g}", "n/a" if measured is None else measured, "one-sided", ok)
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class Experiment:
+    """A catalog entry."""
+
+    name: str
+    summary: str
+    config: type
+    run: Callable[..., dict]
+    check: Callable[[dict], list[CheckRow]] | None = None
+    quick: dict[str, Any] = field(default_factory=dict)  # overrides for a small, real configuration
+
+    def make_config(self, sets: list[str] | dict[str, Any] | None = None, quick: bool = False) -> Any:
+        overrides = dict(self.quick) if quick else {}
+        if isinstance(sets, dict):
+            overrides.update({k: _coerce_known(self, k, v) for k, v in sets.items()})
+        else:
+            overrides.update(parse_sets(self, sets or []))
+        cfg = self.config(**overrides)
+        validate = getattr(cfg, "validate", None)
+        if validate is not None:
+            validate()
+        return cfg
+
+
+def parse_sets(exp: Experiment, sets: list[str]) -> dict[str, Any]:
+    """``["lr=1e-3", "model=mlp"]`` -> typed values, checked against the config's fields."""
+    out: dict[str, Any] = {}
+    for item in sets:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r} is not key=value (e.g. --set lr=1e-3)")
+        key, raw = item.split("=", 1)
+        out[key.strip()] = _coerce_known(exp, key.strip(), raw.strip())
+    return out
+
+
+def config_fields(config_cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(config_cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
+
+
+def _coerce_known(exp: Experiment, key: str, raw: Any) -> Any:
+    fields = config_fields(exp.config)
+    if key not in fields:
+        raise ConfigError(f"unknown key {key!r} for experiment {exp.name!r}; valid keys: {', '.join(fields)}")
+    return coerce(key, raw, fields[key])
+
+
+def coerce(key: str, raw: Any, annotation: Any) -> Any:
+    """Convert ``raw`` (usually a string from the command line) to ``annotation``'s type."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        choices = get_args(annotation)
+        for choice in choices:
+            if str(choice) == str(raw):
+                return choice
+        raise ConfigError(f"bad value for {key}: {raw!r} is not one of {', '.join(map(str, choices))}")
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if type(None) in get_args(annotation) and str(raw).lower() in ("none", "null", ""):
+            return None
+        errors = []
+        for arg in args:
+            try:
+                return coerce(key, raw, arg)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"bad value for {key}: {raw!r}")
+    if annotation is bool:
+        if isinstance(raw, bool):
+            return raw
+        text = str(raw).lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"bad value for {key}: {raw!r} is not a boolean (true/false)")
+    if annotation is int:
+        if isinstance(raw, bool):
+            raise ConfigError(f"bad value for {key}: {raw!r} is not an integer")
+        try:
+            value = float(raw) if isinstance(raw, str) and any(c in raw for c in ".eE") else raw
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"bad value for {key}: {raw!r} is not an integer") from None
+    if annotation is float:
+        try:
+            value = float(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"bad value for {key}: {raw!r} is not a number") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"bad value for {key}: {raw!r} is not a finite number")
+        return value
+    if annotation is str:
+        return str(raw)
+    raise ConfigError(f"key {key} has a type ({annotation}) that cannot be set from the command line")
+
+
+def require(condition: bool, message: str) -> None:
+    """Config validation helper: raise ConfigError(message) unless condition holds."""
+    if not condition:
+        raise ConfigError(message)

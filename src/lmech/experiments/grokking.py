@@ -1,0 +1,149 @@
+"""Grokking on modular arithmetic (Power et al. 2022): memorize first, generalize much later.
+
+Setting (defaults): c = a / b mod 97 (a * b^-1), 25% of the 9,312 equations for training, a 2-layer
+decoder-only transformer (width 128, 4 heads) reading the tokens ``[a, op, b, =]`` and predicting c
+at the last position; AdamW with lr 1e-3, betas (0.9, 0.98), weight decay 1.0, batch 512, a 10-step
+linear warm-up. The MLP variant (``model=mlp``) reads one-hot(a) ++ one-hot(b).
+
+Logged every ``eval_every`` steps: train and held-out loss and accuracy (on the full splits, eval
+mode), the weight norm ||w||_2 and the learning rate. Result: the first evaluated step at which
+held-out accuracy reaches 95% and 99% (``None`` if never). Training stops early once held-out
+accuracy has stayed at or above 99% for ``patience`` steps.
+
+Loss is the mean cross-entropy over the batch (computed in float64 from float32 logits: the
+grokking literature notes float32 softmax underflow slows late-phase learning).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from lmech.experiments.base import CheckRow, Experiment, require
+from lmech.models import MLP, Transformer
+from lmech.optim import build_optimizer
+from lmech.tasks import modular_arithmetic
+from lmech.train import check_finite, evaluate, minibatches, weight_norm
+
+
+@dataclass
+class GrokkingConfig:
+    model: Literal["transformer", "mlp"] = "transformer"
+    op: Literal["+", "-", "*", "/"] = "/"
+    p: int = 97
+    train_fraction: float = 0.25
+    steps: int = 50_000
+    lr: float = 1e-3
+    weight_decay: float = 1.0
+    beta1: float = 0.9
+    beta2: float = 0.98
+    warmup: int = 10
+    batch_size: int = 512
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    width: int = 128
+    depth: int = 2
+    heads: int = 4
+    eval_every: int = 50
+    patience: int = 1000
+
+    def validate(self) -> None:
+        require(self.p >= 3, f"p must be a prime >= 3, got {self.p}")
+        require(all(self.p % d for d in range(2, int(self.p ** 0.5) + 1)), f"p must be prime, got {self.p}")
+        require(0 < self.train_fraction < 1, f"train_fraction must be in (0, 1), got {self.train_fraction}")
+        require(self.steps > 0, f"steps must be positive, got {self.steps}")
+        require(self.lr > 0, f"lr must be positive, got {self.lr}")
+        require(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
+        require(self.batch_size > 0, f"batch_size must be positive, got {self.batch_size}")
+        require(self.width > 0 and self.depth > 0, "width and depth must be positive")
+        require(self.model != "transformer" or self.width % self.heads == 0,
+                f"width ({self.width}) must be divisible by heads ({self.heads})")
+        require(self.eval_every > 0 and self.patience >= 0, "eval_every must be positive, patience >= 0")
+
+
+def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.double(), target)
+
+
+def build(cfg: GrokkingConfig, seed: int):
+    encoding = "tokens" if cfg.model == "transformer" else "onehot"
+    data = modular_arithmetic(p=cfg.p, op=cfg.op, train_fraction=cfg.train_fraction, encoding=encoding, seed=seed)
+    torch.manual_seed(seed)
+    if cfg.model == "transformer":
+        model = Transformer(vocab_size=data.info["vocab_size"], seq_len=data.info["seq_len"], n_out=cfg.p,
+                            d_model=cfg.width, n_heads=cfg.heads, n_layers=cfg.depth, d_mlp=4 * cfg.width)
+    else:
+        model = MLP(d_in=2 * cfg.p, d_out=cfg.p, width=cfg.width, depth=cfg.depth)
+    return data, model
+
+
+def run(cfg: GrokkingConfig, run, seed: int) -> dict:
+    data, model = build(cfg, seed)
+    optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                betas=(cfg.beta1, cfg.beta2))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
+    gen = torch.Generator().manual_seed(seed)
+    batches = minibatches(data.n_train, cfg.batch_size, gen)
+
+    step_95 = step_99 = None
+    above_99_since = None
+    last_good, step = 0, 0
+    model.train()
+    for step in range(cfg.steps + 1):
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            train = evaluate(model, data.x_train, data.y_train, cross_entropy)
+            test = evaluate(model, data.x_test, data.y_test, cross_entropy)
+            check_finite(train["loss"], step, last_good)
+            run.log(step, train_loss=train["loss"], train_acc=train["acc"], test_loss=test["loss"],
+                    test_acc=test["acc"], weight_norm=weight_norm(model), lr=optimizer.param_groups[0]["lr"])
+            if step_95 is None and test["acc"] >= 0.95:
+                step_95 = step
+            if step_99 is None and test["acc"] >= 0.99:
+                step_99 = step
+            above_99_since = (above_99_since if above_99_since is not None else step) if test["acc"] >= 0.99 else None
+            if above_99_since is not None and step - above_99_since >= cfg.patience:
+                break
+        if step == cfg.steps:
+            break
+        idx = next(batches)
+        loss = cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        value = float(loss.detach())
+        check_finite(value, step + 1, last_good)
+        last_good = step + 1
+
+    final_test = evaluate(model, data.x_test, data.y_test, cross_entropy)
+    _save_figure(run, cfg, step_95, step_99)
+    return {"step_to_95": step_95, "step_to_99": step_99, "steps_run": step,
+            "final_test_acc": final_test["acc"], "n_train": data.n_train, "n_test": data.n_test,
+            "n_params": sum(p.numel() for p in model.parameters())}
+
+
+def check(result: dict) -> list[CheckRow]:
+    """Grokking happened: held-out accuracy reached 95% within the step budget."""
+    return [CheckRow.at_least("final held-out accuracy", 0.95, result.get("final_test_acc"))]
+
+
+def _save_figure(run, cfg: GrokkingConfig, step_95, step_99) -> None:
+    from lmech.report.figures import grokking_figure
+
+    df = run.metrics(wide=True)
+    title = f"{cfg.model}: a {cfg.op} b mod {cfg.p}, {cfg.train_fraction:.0%} train, {cfg.optimizer}"
+    fig = grokking_figure(df, title=title, marks={"95%": step_95, "99%": step_99})
+    run.save_figure(fig, "grokking")
+
+
+EXPERIMENT = Experiment(
+    name="grokking",
+    summary="modular arithmetic: memorization, then a late jump in held-out accuracy (transformer or MLP)",
+    config=GrokkingConfig,
+    run=run,
+    check=check,
+    quick={"model": "mlp", "op": "+", "train_fraction": 0.5, "steps": 3000},
+)

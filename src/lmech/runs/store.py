@@ -1,0 +1,434 @@
+"""The run store: one folder per run, Parquet metrics, a SQLite index across runs.
+
+Layout of a store rooted at ``ROOT`` (default ``./runs``)::
+
+    ROOT/index.sqlite              one row per run (id, experiment, sweep, config hash, seed, state, ...)
+    ROOT/<run_id>/config.json      full config, seed, library versions, git commit
+    ROOT/<run_id>/status.json      state (running | done | diverged | failed), message, last step, pid
+    ROOT/<run_id>/metrics/part-*.parquet   scalar metrics, long format: step, name, value
+    ROOT/<run_id>/arrays/part-*.parquet    array metrics (spectra, ...): step, name, values (list)
+    ROOT/<run_id>/metrics.parquet  all parts compacted, written when the run ends
+    ROOT/<run_id>/figures/*.png    figures
+    ROOT/<run_id>/result.json      summary numbers an experiment reports (e.g. step to 95%)
+
+Why it cannot be corrupted by a crash:
+
+* every file is written to a temporary name in the same folder and ``os.replace``-d into place,
+  so a reader sees the old file or the new one, never half of one;
+* metrics are appended as new Parquet *parts* (never rewritten), so a run killed with SIGKILL keeps
+  every part flushed before the kill; when ``metrics.parquet`` exists, readers use it and ignore
+  leftover parts (a crash between compaction and cleanup cannot double-count);
+* the SQLite index is only changed inside transactions (WAL journal), and it is a cache of the run
+  folders: ``RunStore.reindex()`` rebuilds it from them;
+* a run whose ``status.json`` says ``running`` but whose process is gone (same host, pid dead; or no
+  heartbeat for ``STALE_AFTER_S``) is reported as ``incomplete``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import socket
+import sqlite3
+import time
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from lmech.runs.provenance import config_hash, provenance
+
+DEFAULT_ROOT = "runs"
+FLUSH_EVERY_S = 5.0
+STALE_AFTER_S = 600.0
+STATES = ("running", "done", "diverged", "failed", "incomplete")
+
+
+class DivergedError(RuntimeError):
+    """Raised by a training loop when the loss stops being finite; the run is marked diverged."""
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    with open(tmp, "wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
+
+
+def _atomic_write_table(path: Path, table: pa.Table) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+SCALAR_SCHEMA = pa.schema([("step", pa.int64()), ("name", pa.string()), ("value", pa.float64())])
+ARRAY_SCHEMA = pa.schema([("step", pa.int64()), ("name", pa.string()), ("values", pa.list_(pa.float64()))])
+
+
+def effective_state(status: dict) -> str:
+    """The state a reader should believe: ``running`` becomes ``incomplete`` if its writer is gone."""
+    state = status.get("state", "incomplete")
+    if state != "running":
+        return state
+    if status.get("host") == socket.gethostname() and status.get("pid"):
+        return "running" if _pid_alive(int(status["pid"])) else "incomplete"
+    beat = status.get("heartbeat")
+    if beat is None or time.time() - float(beat) > STALE_AFTER_S:
+        return "incomplete"
+    return "running"
+
+
+class Run:
+    """A run being written. Create it with :meth:`RunStore.create`; use it as a context manager.
+
+    ``log(step, loss=..., test_acc=...)`` records scalars, ``log_array(step, name, values)`` records
+    an array, ``save_figure(fig, name)`` a matplotlib figure, ``set_result(**numbers)`` the summary.
+    Metrics are buffered and flushed as a new Parquet part every ``FLUSH_EVERY_S`` seconds and at the
+    end. Leaving the ``with`` block normally marks the run done; :class:`DivergedError` marks it
+    diverged; any other exception marks it failed with its message (and is re-raised).
+    """
+
+    def __init__(self, store: "RunStore", run_id: str, path: Path, meta: dict):
+        self.store = store
+        self.id = run_id
+        self.path = path
+        self.meta = meta
+        self.config: dict = meta["config"]
+        self.on_log: list[Callable[[int, dict], None]] = []
+        self._scalars: list[tuple[int, str, float]] = []
+        self._arrays: list[tuple[int, str, list]] = []
+        self._part = 0
+        self._last_flush = time.monotonic()
+        self._last_step = -1
+        self._result: dict = {}
+        self.status: dict = {}
+
+    # -- writing -------------------------------------------------------------------------------
+    def log(self, step: int, **values: float) -> None:
+        step = int(step)
+        clean = {}
+        for name, value in values.items():
+            value = float(value)
+            self._scalars.append((step, name, value))
+            clean[name] = value
+        self._last_step = max(self._last_step, step)
+        for callback in self.on_log:
+            callback(step, clean)
+        if time.monotonic() - self._last_flush > FLUSH_EVERY_S:
+            self.flush()
+
+    def log_array(self, step: int, name: str, values: Any) -> None:
+        arr = np.asarray(values.detach().cpu() if hasattr(values, "detach") else values, dtype=np.float64)
+        self._arrays.append((int(step), name, arr.ravel().tolist()))
+
+    def set_result(self, **numbers: Any) -> None:
+        self._result.update(numbers)
+        atomic_write_json(self.path / "result.json", self._result)
+
+    def save_figure(self, fig: Any, name: str, formats: tuple[str, ...] = ("png",)) -> list[Path]:
+        out = []
+        fig_dir = self.path / "figures"
+        fig_dir.mkdir(exist_ok=True)
+        for fmt in formats:
+            target = fig_dir / f"{name}.{fmt}"
+            tmp = fig_dir / f".{name}.{uuid.uuid4().hex[:8]}.{fmt}"
+            fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
+            os.replace(tmp, target)
+            out.append(target)
+        return out
+
+    def metrics(self, wide: bool = False):
+        """This run's scalar metrics so far (flushes the buffer first); see :meth:`RunStore.metrics`."""
+        self.flush()
+        return self.store.metrics(self.path, wide=wide)
+
+    def flush(self) -> None:
+        """Append buffered metrics as new Parquet parts (each written atomically)."""
+        self._last_flush = time.monotonic()
+        if self._scalars:
+            steps, names, values = zip(*self._scalars)
+            table = pa.table({"step": steps, "name": names, "value": values}, schema=SCALAR_SCHEMA)
+            _atomic_write_table(self.path / "metrics" / f"part-{self._part:06d}.parquet", table)
+            self._scalars = []
+        if self._arrays:
+            steps, names, values = zip(*self._arrays)
+            table = pa.table({"step": steps, "name": names, "values": values}, schema=ARRAY_SCHEMA)
+            _atomic_write_table(self.path / "arrays" / f"part-{self._part:06d}.parquet", table)
+            self._arrays = []
+        self._part += 1
+        self._write_status("running")
+
+    def finish(self, state: str = "done", message: str = "") -> None:
+        if state not in STATES:
+            raise ValueError(f"unknown run state {state!r}; use one of {', '.join(STATES)}")
+        self.flush()
+        self._compact()
+        self._write_status(state, message)
+        self.store._index_upsert(self.meta, self.status)
+
+    # -- internals -----------------------------------------------------------------------------
+    def _compact(self) -> None:
+        for sub, schema, target in (("metrics", SCALAR_SCHEMA, "metrics.parquet"),
+                                    ("arrays", ARRAY_SCHEMA, "arrays.parquet")):
+            parts = sorted((self.path / sub).glob("part-*.parquet"))
+            tables = [pq.read_table(p) for p in parts]
+            table = pa.concat_tables(tables) if tables else schema.empty_table()
+            _atomic_write_table(self.path / target, table)
+            for p in parts:  # readers prefer the compacted file, so removal order is irrelevant
+                p.unlink(missing_ok=True)
+
+    def _write_status(self, state: str, message: str = "") -> None:
+        self.status = {
+            **self.status,
+            "state": state,
+            "message": message,
+            "last_step": self._last_step,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "heartbeat": time.time(),
+            "updated": _now(),
+        }
+        if state != "running":
+            self.status["finished"] = _now()
+        atomic_write_json(self.path / "status.json", self.status)
+
+    def __enter__(self) -> "Run":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None:
+            self.finish("done")
+        elif isinstance(exc, DivergedError):
+            self.finish("diverged", str(exc) or "loss is not finite")
+            return True  # a diverged run is a result, not an error
+        elif isinstance(exc, KeyboardInterrupt):
+            self.flush()  # leaves state 'running' -> read back as incomplete once we exit
+        else:
+            self.finish("failed", f"{type(exc).__name__}: {exc}")
+        return False
+
+
+@dataclass
+class RunStore:
+    """A folder of runs plus its SQLite index. ``RunStore("runs")``."""
+
+    root: Path = Path(DEFAULT_ROOT)
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+
+    # -- index -----------------------------------------------------------------------------------
+    @property
+    def index_path(self) -> Path:
+        return self.root / "index.sqlite"
+
+    @contextmanager
+    def _db(self) -> Iterator[sqlite3.Connection]:
+        self.root.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(self.index_path, timeout=60)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS runs (id TEXT PRIMARY KEY, experiment TEXT, sweep TEXT, "
+                "config_hash TEXT, seed INTEGER, state TEXT, message TEXT, last_step INTEGER, "
+                "created TEXT, finished TEXT, config TEXT)"
+            )
+            with con:  # one transaction
+                yield con
+        finally:
+            con.close()
+
+    def _index_upsert(self, meta: dict, status: dict) -> None:
+        row = (meta["id"], meta["experiment"], meta.get("sweep"), meta["config_hash"], meta["seed"],
+               status.get("state"), status.get("message", ""), status.get("last_step", -1),
+               meta["created"], status.get("finished"), json.dumps(meta["config"], sort_keys=True))
+        with self._db() as con:
+            con.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
+
+    def reindex(self) -> int:
+        """Rebuild the index from the run folders (the folders are the source of truth)."""
+        rows = 0
+        with self._db() as con:
+            con.execute("DELETE FROM runs")
+        for folder in sorted(self.root.iterdir()) if self.root.exists() else []:
+            if (folder / "config.json").exists():
+                meta = json.loads((folder / "config.json").read_text())
+                self._index_upsert(meta, self._read_status(folder))
+                rows += 1
+        return rows
+
+    # -- creating --------------------------------------------------------------------------------
+    def create(self, experiment: str, config: dict, seed: int, sweep: str | None = None,
+               run_id: str | None = None) -> Run:
+        """Make a new run folder (atomically: built under a temporary name, then renamed)."""
+        chash = config_hash(experiment, config, seed)
+        if run_id is None:
+            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+            run_id = f"{experiment}-{stamp}-{chash[:8]}"
+        path = self.root / run_id
+        if path.exists():
+            raise FileExistsError(f"run folder {path} already exists; pick another id or --out")
+        meta = {"id": run_id, "experiment": experiment, "sweep": sweep, "seed": int(seed),
+                "config_hash": chash, "config": config, "created": _now(), **provenance()}
+        self.root.mkdir(parents=True, exist_ok=True)
+        staging = self.root / f".staging-{run_id}-{uuid.uuid4().hex[:6]}"
+        for sub in ("metrics", "arrays", "figures"):
+            (staging / sub).mkdir(parents=True)
+        atomic_write_json(staging / "config.json", meta)
+        run = Run(self, run_id, staging, meta)
+        run._write_status("running")
+        os.replace(staging, path)
+        run.path = path
+        self._index_upsert(meta, run.status)
+        return run
+
+    # -- reading ---------------------------------------------------------------------------------
+    def _read_status(self, folder: Path) -> dict:
+        try:
+            status = json.loads((folder / "status.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            status = {"state": "incomplete", "message": "no readable status.json"}
+        status["state"] = effective_state(status)
+        return status
+
+    def resolve(self, run: str | Path) -> Path:
+        """A run folder from an id, an id prefix, or a path."""
+        path = Path(run)
+        if (path / "config.json").exists():
+            return path
+        if (self.root / str(run) / "config.json").exists():
+            return self.root / str(run)
+        matches = [p for p in self.root.glob(f"{run}*") if (p / "config.json").exists()] if self.root.exists() else []
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise KeyError(f"no run {run!r} in {self.root}; `lmech runs --out {self.root}` lists them")
+        raise KeyError(f"run id {run!r} is ambiguous in {self.root}: {', '.join(p.name for p in matches[:5])}")
+
+    def runs(self, experiment: str | None = None, sweep: str | None = None):
+        """One row per run (a pandas DataFrame), with the effective state read from each folder."""
+        import pandas as pd
+
+        if not self.index_path.exists():
+            return pd.DataFrame(columns=["id", "experiment", "sweep", "config_hash", "seed", "state",
+                                         "message", "last_step", "created", "finished", "config"])
+        query, args = "SELECT * FROM runs WHERE 1=1", []
+        if experiment:
+            query, args = query + " AND experiment = ?", [*args, experiment]
+        if sweep:
+            query, args = query + " AND sweep = ?", [*args, sweep]
+        with self._db() as con:
+            df = pd.read_sql_query(query + " ORDER BY created, id", con, params=args)
+        # the folder's status is authoritative (the index may lag behind a killed writer)
+        states, steps, messages = [], [], []
+        for run_id, state in zip(df["id"], df["state"]):
+            folder = self.root / run_id
+            status = self._read_status(folder) if folder.exists() else {"state": "missing"}
+            states.append(status["state"])
+            steps.append(status.get("last_step", -1))
+            messages.append(status.get("message", ""))
+        df["state"], df["last_step"], df["message"] = states, steps, messages
+        return df
+
+    def metrics(self, run: str | Path, wide: bool = False):
+        """Scalar metrics of one run as a DataFrame (long: step, name, value; or wide by step)."""
+        import pandas as pd
+
+        folder = self.resolve(run)
+        table = _read_parts(folder, "metrics", SCALAR_SCHEMA)
+        df = table.to_pandas()
+        if wide:
+            df = df.pivot_table(index="step", columns="name", values="value", aggfunc="last").reset_index()
+            df.columns.name = None
+        return df if isinstance(df, pd.DataFrame) else pd.DataFrame(df)
+
+    def arrays(self, run: str | Path, name: str | None = None):
+        df = _read_parts(self.resolve(run), "arrays", ARRAY_SCHEMA).to_pandas()
+        return df if name is None else df[df["name"] == name].reset_index(drop=True)
+
+    def config(self, run: str | Path) -> dict:
+        return json.loads((self.resolve(run) / "config.json").read_text())
+
+    def status(self, run: str | Path) -> dict:
+        return self._read_status(self.resolve(run))
+
+    def result(self, run: str | Path) -> dict:
+        path = self.resolve(run) / "result.json"
+        return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _read_parts(folder: Path, sub: str, schema: pa.Schema) -> pa.Table:
+    compacted = folder / f"{sub}.parquet"
+    if compacted.exists():
+        return pq.read_table(compacted)
+    parts = sorted((folder / sub).glob("part-*.parquet"))
+    return pa.concat_tables([pq.read_table(p) for p in parts]) if parts else schema.empty_table()
+
+
+def load(run: str | Path | None = None, root: str | Path = DEFAULT_ROOT, experiment: str | None = None,
+         sweep: str | None = None, wide: bool = False):
+    """Metrics as a pandas DataFrame.
+
+    ``load("grokking-2026...")`` gives one run's metrics (columns step, name, value; ``wide=True``
+    pivots to one column per metric). ``load(experiment="grokking")`` or ``load(sweep=...)`` gives
+    every matching run's metrics with ``run_id``, ``seed`` and ``state`` columns added.
+    """
+    import pandas as pd
+
+    store = RunStore(Path(root))
+    if run is not None:
+        return store.metrics(run, wide=wide)
+    frames = []
+    index = store.runs(experiment=experiment, sweep=sweep)
+    for row in index.itertuples():
+        df = store.metrics(row.id, wide=wide)
+        df.insert(0, "run_id", row.id)
+        df.insert(1, "seed", row.seed)
+        df.insert(2, "state", row.state)
+        frames.append(df)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run_id", "step", "name", "value"])
+
+
+def is_finite(*values: float) -> bool:
+    return all(math.isfinite(float(v)) for v in values)

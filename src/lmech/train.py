@@ -1,0 +1,59 @@
+"""Small pieces every training loop in the catalog shares: batching, evaluation, divergence."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from lmech.runs.store import DivergedError
+
+
+def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+    """Endless index batches: each epoch is a fresh permutation, cut into ``batch_size`` pieces.
+
+    ``batch_size >= n`` gives full-batch training (every step sees all ``n`` examples, in order).
+    """
+    if batch_size >= n:
+        full = torch.arange(n)
+        while True:
+            yield full
+    while True:
+        perm = torch.randperm(n, generator=generator)
+        for start in range(0, n - batch_size + 1, batch_size):  # drop the ragged tail: equal-size batches
+            yield perm[start:start + batch_size]
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, x: Tensor, y: Tensor, loss_fn: Callable[[Tensor, Tensor], Tensor],
+             chunk: int = 8192) -> dict[str, float]:
+    """Mean loss (and accuracy for integer targets) over ``(x, y)``, in eval mode, in chunks."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct, n = 0.0, 0, len(x)
+    for start in range(0, n, chunk):
+        out = model(x[start:start + chunk])
+        target = y[start:start + chunk]
+        total_loss += float(loss_fn(out, target)) * len(target)
+        if not target.is_floating_point():
+            correct += int((out.argmax(-1) == target).sum())
+    model.train(was_training)
+    metrics = {"loss": total_loss / n}
+    if not y.is_floating_point():
+        metrics["acc"] = correct / n
+    return metrics
+
+
+def check_finite(loss: float, step: int, last_good_step: int) -> None:
+    """Raise :class:`DivergedError` (the run is then recorded as diverged) on a NaN/inf loss."""
+    if not math.isfinite(loss):
+        raise DivergedError(f"loss became {loss} at step {step} (last finite at step {last_good_step}); "
+                            "lower the learning rate or check the data")
+
+
+def weight_norm(model: nn.Module) -> float:
+    """Euclidean norm of all parameters, sqrt(sum_k w_k^2)."""
+    with torch.no_grad():
+        return float(torch.sqrt(sum((p.detach().double() ** 2).sum() for p in model.parameters())))

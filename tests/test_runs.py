@@ -1,0 +1,111 @@
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from lmech.runs import DivergedError, RunStore, config_hash, load
+
+
+def test_run_roundtrip(store_root):
+    store = RunStore(store_root)
+    with store.create("demo", {"lr": 0.1}, seed=3) as run:
+        for step in range(5):
+            run.log(step, loss=1.0 / (step + 1), acc=step / 10)
+        run.log_array(4, "spectrum", [3.0, 2.0, 1.0])
+        run.set_result(best=0.4)
+    df = load(run.id, root=store_root)
+    assert set(df["name"]) == {"loss", "acc"}
+    assert df[df.name == "loss"]["value"].tolist() == [1.0, 0.5, 1 / 3, 0.25, 0.2]
+    wide = load(run.id, root=store_root, wide=True)
+    assert wide["acc"].tolist() == pytest.approx([0, 0.1, 0.2, 0.3, 0.4])
+    assert store.arrays(run.id, "spectrum")["values"][0].tolist() == [3.0, 2.0, 1.0]
+    assert store.status(run.id)["state"] == "done"
+    assert store.result(run.id) == {"best": 0.4}
+    cfg = store.config(run.id)
+    assert cfg["config"] == {"lr": 0.1} and cfg["seed"] == 3
+    assert cfg["config_hash"] == config_hash("demo", {"lr": 0.1}, 3)
+    assert "torch" in cfg["versions"]
+    # compaction removed the parts, no temporary files are left behind
+    assert not list((run.path / "metrics").glob("*")) and not list(run.path.rglob(".*tmp"))
+    rows = store.runs()
+    assert rows["id"].tolist() == [run.id] and rows["state"].tolist() == ["done"]
+
+
+def test_failed_and_diverged_runs(store_root):
+    store = RunStore(store_root)
+    with pytest.raises(ZeroDivisionError):
+        with store.create("demo", {}, seed=0) as run:
+            run.log(0, loss=1.0)
+            1 / 0
+    status = store.status(run.id)
+    assert status["state"] == "failed" and "ZeroDivisionError" in status["message"]
+    with store.create("demo", {}, seed=1) as run2:
+        run2.log(7, loss=2.0)
+        raise DivergedError("loss became nan at step 8")
+    status = store.status(run2.id)
+    assert status["state"] == "diverged" and status["last_step"] == 7
+    assert load(run2.id, root=store_root)["value"].tolist() == [2.0]  # metrics kept
+
+
+def test_load_many_and_reindex(store_root):
+    store = RunStore(store_root)
+    for seed in range(3):
+        with store.create("demo", {"x": 1}, seed=seed) as run:
+            run.log(0, loss=float(seed))
+    df = load(experiment="demo", root=store_root)
+    assert sorted(df["seed"].tolist()) == [0, 1, 2]
+    store.index_path.unlink()
+    assert store.reindex() == 3
+    assert len(store.runs()) == 3
+
+
+def test_unknown_run_is_a_clear_error(store_root):
+    RunStore(store_root).root.mkdir(parents=True)
+    with pytest.raises(KeyError, match="no run 'nope'"):
+        RunStore(store_root).metrics("nope")
+
+
+KILLED_WRITER = textwrap.dedent("""
+    import sys, time
+    import lmech.runs.store as store_mod
+    store_mod.FLUSH_EVERY_S = 0.0          # flush a Parquet part on every log call
+    store = store_mod.RunStore(sys.argv[1])
+    run = store.create("demo", {"k": 1}, seed=0)
+    step = 0
+    while True:
+        run.log(step, loss=1.0 / (step + 1))
+        step += 1
+        if step == 20:
+            print(run.id, flush=True)
+        time.sleep(0.005)
+""")
+
+
+def test_sigkill_mid_run_leaves_readable_incomplete_run(store_root, tmp_path):
+    script = tmp_path / "writer.py"
+    script.write_text(KILLED_WRITER)
+    proc = subprocess.Popen([sys.executable, str(script), str(store_root)], stdout=subprocess.PIPE, text=True)
+    run_id = proc.stdout.readline().strip()
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    store = RunStore(store_root)
+    con = sqlite3.connect(store.index_path)
+    assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    con.close()
+    rows = store.runs()
+    assert rows["id"].tolist() == [run_id]
+    assert rows["state"].tolist() == ["incomplete"]
+    df = store.metrics(run_id)
+    assert len(df) >= 20 and df["step"].is_monotonic_increasing
+    assert json.loads((Path(store_root) / run_id / "config.json").read_text())["config"] == {"k": 1}
+    # a later writer can use the same store as usual
+    with store.create("demo", {"k": 2}, seed=0) as run:
+        run.log(0, loss=0.5)
+    assert sorted(store.runs()["state"]) == ["done", "incomplete"]

@@ -1,4 +1,5 @@
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -109,3 +110,51 @@ def test_sigkill_mid_run_leaves_readable_incomplete_run(store_root, tmp_path):
     with store.create("demo", {"k": 2}, seed=0) as run:
         run.log(0, loss=0.5)
     assert sorted(store.runs()["state"]) == ["done", "incomplete"]
+
+
+def test_load_many_equals_reading_each_run(store_root):
+    """One DuckDB query over all Parquet files == the per-run reader, finished and unfinished runs alike."""
+    import pandas as pd
+
+    store = RunStore(store_root)
+    with store.create("demo", {"x": 1}, seed=0) as run:
+        for step in range(4):
+            run.log(step, loss=1.0 / (step + 1), acc=step / 4)
+    live = store.create("demo", {"x": 2}, seed=1)  # still being written: only parts on disk
+    live.log(0, loss=5.0)
+    live.flush()
+    live.log(1, loss=4.0)
+    live.flush()
+    df = load(experiment="demo", root=store_root)
+    expected = []
+    for row in store.runs(experiment="demo").itertuples():
+        one = store.metrics(row.id)
+        one.insert(0, "run_id", row.id)
+        one.insert(1, "seed", row.seed)
+        one.insert(2, "state", row.state)
+        expected.append(one)
+    expected = pd.concat(expected, ignore_index=True)
+    assert df.equals(expected.astype(df.dtypes.to_dict()))
+    assert df[df.seed == 1]["value"].tolist() == [5.0, 4.0] and set(df[df.seed == 1]["state"]) == {"running"}
+    wide = load(experiment="demo", root=store_root, wide=True)
+    assert wide["loss"].tolist() == [1.0, 0.5, 1 / 3, 0.25, 5.0, 4.0]
+    assert load(experiment="nothing", root=store_root).columns.tolist() == ["run_id", "seed", "state", "step",
+                                                                             "name", "value"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs Linux /proc")
+def test_a_zombie_writer_reads_as_dead():
+    """An exited, unreaped process (an orphan under an init that does not reap) is not a live writer."""
+    from lmech.runs.store import _pid_alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    stat = Path(f"/proc/{child.pid}/stat")
+    deadline = time.monotonic() + 30
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":  # exited, not yet waited for
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    try:
+        assert not _pid_alive(child.pid)
+        assert _pid_alive(os.getpid())
+    finally:
+        child.wait()

@@ -5,3 +5,12 @@ predictions, and a catalog of experiments where theory is checked against measur
 """
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # lazy: `import lmech` stays light; `lmech.Monitor` imports the probes on first use
+    if name == "Monitor":
+        from lmech.monitor import Monitor
+
+        return Monitor
+    raise AttributeError(f"module 'lmech' has no attribute {name!r}")

@@ -111,10 +111,92 @@ def checks_table(rows) -> Table:
     return table
 
 
+@app.command("sweep")
+def sweep(
+    experiment: str = typer.Argument(..., help="experiment name (see `lmech list`)"),
+    set_: List[str] = typer.Option([], "--set", help="fix a config key: --set key=value (repeatable)"),
+    grid: List[str] = typer.Option([], "--grid", help="sweep a key: --grid key=v1,v2,... (repeatable; product)"),
+    random: Optional[int] = typer.Option(None, "--random", help="run N grid points sampled from the grid (seeded)"),
+    seeds: int = typer.Option(1, "--seeds", help="seeds 0..K-1 for every grid point"),
+    executor: str = typer.Option("local", "--executor", help="local (process per run) or ray"),
+    workers: Optional[int] = typer.Option(None, "--workers", help="runs at a time (default: CPU count)"),
+    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local one)"),
+    out: Path = typer.Option(Path("runs"), "--out", help="run store folder"),
+    name: Optional[str] = typer.Option(None, "--name", help="sweep name (default: from experiment, sets and grid)"),
+    retry_failed: bool = typer.Option(False, "--retry-failed", help="re-run runs that failed before"),
+    quick: bool = typer.Option(False, "--quick", help="start from the experiment's small, real configuration"),
+) -> None:
+    """Run an experiment over a grid of configs and seeds; re-running it resumes (finished runs are skipped)."""
+    from lmech.experiments.base import ConfigError
+    from lmech.sweeps import run_sweep, sweep_table
+
+    try:
+        grid_dict = parse_grid(grid)
+        df = run_sweep(experiment, sets=set_, grid=grid_dict, seeds=seeds, random=random, executor=executor,
+                       workers=workers, address=address, out=out, name=name, retry_failed=retry_failed,
+                       quick=quick, progress=True)
+    except ConfigError as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        _fail("interrupted; unfinished runs are marked incomplete and re-run when the sweep is run again", code=130)
+    console.print(sweep_table(df, title=f"sweep {df.attrs['sweep']}"))
+    console.print(f"lmech runs --sweep {df.attrs['sweep']} --out {out}", highlight=False)
+    if df["state"].isin(["failed", "incomplete", "missing"]).any():
+        raise typer.Exit(1)
+
+
+def parse_grid(items: List[str]) -> dict:
+    """``["lr=1e-3,1e-2", "width=64,128"]`` -> ``{"lr": ["1e-3", "1e-2"], ...}`` (typed later)."""
+    from lmech.experiments.base import ConfigError
+
+    grid: dict = {}
+    for item in items:
+        key, sep, values = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"--grid {item!r} is not key=v1,v2,... (e.g. --grid lr=1e-3,1e-2)")
+        if key in grid:
+            raise ConfigError(f"--grid {key} is given twice; list all its values in one --grid {key}=v1,v2")
+        grid[key] = [v.strip() for v in values.split(",") if v.strip()]
+    return grid
+
+
+@app.command("compare")
+def compare(
+    experiment: str = typer.Argument(..., help="experiment name (see `lmech list`)"),
+    arm: List[str] = typer.Option(..., "--arm", help="an arm: NAME:key=value,key=value (repeatable)"),
+    grid: List[str] = typer.Option(..., "--grid", help="tuning grid, the same for every arm: --grid lr=1e-3,3e-3"),
+    set_: List[str] = typer.Option([], "--set", help="config key shared by all arms: --set key=value"),
+    seeds: int = typer.Option(3, "--seeds", help="evaluation seeds for each arm's best setting"),
+    tune_seed: int = typer.Option(0, "--tune-seed", help="seed of the tuning runs (evaluation uses the next ones)"),
+    metric: Optional[str] = typer.Option(None, "--metric", help="result key to rank by (default per experiment)"),
+    mode: Optional[str] = typer.Option(None, "--mode", help="min or max"),
+    tiebreak: Optional[str] = typer.Option(None, "--tiebreak", help="result key ranking runs that lack the metric"),
+    workers: Optional[int] = typer.Option(2, "--workers", help="runs at a time"),
+    out: Path = typer.Option(Path("runs"), "--out", help="run store folder"),
+    name: Optional[str] = typer.Option(None, "--name", help="comparison name (default: from its inputs)"),
+    quick: bool = typer.Option(False, "--quick", help="start from the experiment's small, real configuration"),
+) -> None:
+    """Compare optimizers fairly: same tuning grid per arm on one seed, then each arm's best on fresh seeds."""
+    from lmech.compare import compare_command
+    from lmech.experiments.base import ConfigError
+
+    try:
+        result = compare_command(experiment, arm, grid, set_, seeds, tune_seed, metric, mode, tiebreak, workers,
+                                 out, name, quick)
+    except ConfigError as err:
+        _fail(str(err))
+    except KeyboardInterrupt:
+        _fail("interrupted; run the same command again to resume", code=130)
+    console.print(result.markdown(), highlight=False)
+    console.print(f"table: {result.directory / 'table.md'}\nfigure: {result.figure}", highlight=False)
+
+
 @app.command("runs")
 def runs(
     out: Path = typer.Option(Path("runs"), "--out", help="run store folder"),
     experiment: Optional[str] = typer.Option(None, "--experiment", "-e", help="only this experiment"),
+    sweep_name: Optional[str] = typer.Option(None, "--sweep", help="summary table of one sweep"),
     reindex: bool = typer.Option(False, "--reindex", help="rebuild the index from the run folders first"),
 ) -> None:
     """List stored runs with their state."""
@@ -123,6 +205,15 @@ def runs(
     store = RunStore(out)
     if reindex:
         store.reindex()
+    if sweep_name is not None:
+        from lmech.experiments.base import ConfigError
+        from lmech.sweeps import summary, sweep_table
+
+        try:
+            console.print(sweep_table(summary(sweep_name, out=out), title=f"sweep {sweep_name}"))
+        except ConfigError as err:
+            _fail(str(err))
+        return
     df = store.runs(experiment=experiment)
     if df.empty:
         console.print(f"no runs in {out}")
@@ -134,6 +225,41 @@ def runs(
         table.add_row(row.id, row.experiment, str(row.seed), f"[{color}]{row.state}[/]", str(row.last_step),
                       (row.message or "")[:60])
     console.print(table)
+
+
+@app.command("report")
+def report(
+    target: str = typer.Argument(..., help="a run folder or id, a sweep name, or a `lmech verify` output folder"),
+    out: Optional[Path] = typer.Option(None, "--out", help="report folder (default: reports/<name>)"),
+    store: Path = typer.Option(Path("runs"), "--store", help="run store holding the run or sweep"),
+) -> None:
+    """Write a self-contained HTML report (figures embedded) plus its PNG and SVG figures."""
+    from lmech.experiments.base import ConfigError
+    from lmech.report.build import build_report
+
+    try:
+        path = build_report(target, out=out, store=store)
+    except ConfigError as err:
+        _fail(str(err))
+    console.print(f"report: {path}", highlight=False)
+
+
+@app.command("lab")
+def lab(
+    out: Path = typer.Option(Path("runs"), "--out", help="run store folder to show and to run into"),
+    host: str = typer.Option("127.0.0.1", "--host", help="interface to listen on (default: this machine only)"),
+    port: int = typer.Option(8000, "--port", help="TCP port"),
+    max_active: int = typer.Option(1, "--max-active", help="playground runs at a time"),
+) -> None:
+    """A local web page: runs, sweeps, live curves and a label-noise playground (needs the lab extra)."""
+    from lmech.lab import LabUnavailable, serve
+
+    if not 0 < port < 65536 or max_active < 1:
+        _fail("--port must be in 1..65535 and --max-active at least 1")
+    try:
+        serve(out, host=host, port=port, max_active=max_active)
+    except LabUnavailable as err:
+        _fail(str(err))
 
 
 def main() -> None:

@@ -2,7 +2,9 @@
 
 Parameter selection, loss gradients, per-example gradients, and matrix-free Jacobian-vector,
 vector-Jacobian and Hessian-vector products, plus flat-vector helpers. See
-:mod:`lmech.core.functional` for the math and conventions.
+:mod:`lmech.core.functional` for the math and conventions. Matrix-free linear algebra on
+flat-vector operators (Lanczos, Hutchinson / Hutch++ trace, stochastic Lanczos quadrature) is in
+:mod:`lmech.core.linalg`.
 """
 
 from lmech.core.functional import (
@@ -21,6 +23,17 @@ from lmech.core.functional import (
     unflatten,
     vjp,
 )
+from lmech.core.linalg import (
+    EigenResult,
+    MemoryBudgetError,
+    SpectralDensity,
+    TraceEstimate,
+    check_memory,
+    hutchinson_trace,
+    hutchpp_trace,
+    lanczos,
+    slq,
+)
 
 __all__ = [
     "DEFAULT_MAX_BYTES",
@@ -37,4 +50,13 @@ __all__ = [
     "tree_scale",
     "unflatten",
     "vjp",
+    "EigenResult",
+    "MemoryBudgetError",
+    "SpectralDensity",
+    "TraceEstimate",
+    "check_memory",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "lanczos",
+    "slq",
 ]

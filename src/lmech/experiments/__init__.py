@@ -17,6 +17,18 @@ from lmech.experiments.base import CheckRow, ConfigError, Experiment
 # name -> module that defines it (module-level constant EXPERIMENT)
 _CATALOG: dict[str, str] = {
     "grokking": "lmech.experiments.grokking",
+    "inr-noise": "lmech.experiments.inr_noise",
+    "pinn-advection": "lmech.experiments.pinn_advection",
+    "edge-of-stability": "lmech.experiments.edge_of_stability",
+    "mup": "lmech.experiments.mup",
+    "lazy-rich": "lmech.experiments.lazy_rich",
+    "coupling": "lmech.experiments.coupling",
+    "label-noise": "lmech.experiments.label_noise",
+    "double-descent": "lmech.experiments.double_descent",
+    "grokking-channel": "lmech.experiments.grokking_channel",
+    "deep-linear": "lmech.experiments.deep_linear",
+    "saddle-to-saddle": "lmech.experiments.saddle_to_saddle",
+    "kernel-curves": "lmech.experiments.kernel_curves",
 }
 
 

@@ -17,12 +17,13 @@ grokking literature notes float32 softmax underflow slows late-phase learning).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Union
 
 import torch
 import torch.nn.functional as F
 
 from lmech.experiments.base import CheckRow, Experiment, require
+from lmech.experiments.optimizer_keys import optimizer_diagnostics, optimizer_options, validate_optimizer_keys
 from lmech.models import MLP, Transformer
 from lmech.optim import build_optimizer
 from lmech.tasks import modular_arithmetic
@@ -42,7 +43,17 @@ class GrokkingConfig:
     beta2: float = 0.98
     warmup: int = 10
     batch_size: int = 512
-    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    optimizer: Literal["adamw", "adam", "sgd", "poprisk", "grokfast"] = "adamw"
+    # PopRiskAdamW (optimizer=poprisk) and Grokfast-EMA (optimizer=grokfast): lmech.experiments.optimizer_keys
+    gate: Literal["soft", "hard", "snr", "none"] = "soft"
+    alpha: Union[float, Literal["fresh", "finite"]] = "fresh"
+    softness: float = 1.0
+    rho: float = 0.99
+    gate_warmup: int = 0
+    gate_weight_decay: bool = False
+    reduction: Literal["element", "tensor"] = "element"
+    grokfast_alpha: float = 0.98
+    grokfast_lamb: float = 2.0
     width: int = 128
     depth: int = 2
     heads: int = 4
@@ -62,6 +73,8 @@ class GrokkingConfig:
         require(self.model != "transformer" or self.width % self.heads == 0,
                 f"width ({self.width}) must be divisible by heads ({self.heads})")
         require(self.eval_every > 0 and self.patience >= 0, "eval_every must be positive, patience >= 0")
+        n_train = round(self.train_fraction * (self.p * self.p if self.op != "/" else self.p * (self.p - 1)))
+        validate_optimizer_keys(self, self.batch_size, n_train)
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -83,7 +96,8 @@ def build(cfg: GrokkingConfig, seed: int):
 def run(cfg: GrokkingConfig, run, seed: int) -> dict:
     data, model = build(cfg, seed)
     optimizer = build_optimizer(cfg.optimizer, model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                betas=(cfg.beta1, cfg.beta2))
+                                betas=(cfg.beta1, cfg.beta2),
+                                **optimizer_options(cfg, min(cfg.batch_size, data.n_train), data.n_train))
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(cfg.warmup, 1)))
     gen = torch.Generator().manual_seed(seed)
     batches = minibatches(data.n_train, cfg.batch_size, gen)
@@ -98,7 +112,8 @@ def run(cfg: GrokkingConfig, run, seed: int) -> dict:
             test = evaluate(model, data.x_test, data.y_test, cross_entropy)
             check_finite(train["loss"], step, last_good)
             run.log(step, train_loss=train["loss"], train_acc=train["acc"], test_loss=test["loss"],
-                    test_acc=test["acc"], weight_norm=weight_norm(model), lr=optimizer.param_groups[0]["lr"])
+                    test_acc=test["acc"], weight_norm=weight_norm(model), lr=optimizer.param_groups[0]["lr"],
+                    **optimizer_diagnostics(optimizer))
             if step_95 is None and test["acc"] >= 0.95:
                 step_95 = step
             if step_99 is None and test["acc"] >= 0.99:
@@ -135,6 +150,8 @@ def _save_figure(run, cfg: GrokkingConfig, step_95, step_99) -> None:
 
     df = run.metrics(wide=True)
     title = f"{cfg.model}: a {cfg.op} b mod {cfg.p}, {cfg.train_fraction:.0%} train, {cfg.optimizer}"
+    if cfg.optimizer == "poprisk":
+        title += f" (gate {cfg.gate}, alpha {cfg.alpha}, softness {cfg.softness})"
     fig = grokking_figure(df, title=title, marks={"95%": step_95, "99%": step_99})
     run.save_figure(fig, "grokking")
 

@@ -16,6 +16,8 @@ class CausalSelfAttention(nn.Module):
 
     ``softmax(Q K^T / sqrt(d_head) + causal mask) V`` per head, via
     ``F.scaled_dot_product_attention(is_causal=True)``: position ``t`` attends to ``0..t``.
+    ``scale`` (default ``None`` = ``1/sqrt(d_head)``) replaces the logit scale; muP sets it to
+    ``sqrt(base_d_head) / d_head`` (:mod:`lmech.mup`).
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float = 0.0) -> None:
@@ -28,13 +30,14 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.dropout = float(dropout)
         self.resid_drop = nn.Dropout(dropout)
+        self.scale: float | None = None
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).split(d, dim=-1)
         q, k, v = (z.view(b, t, self.n_heads, self.d_head).transpose(1, 2) for z in (q, k, v))
         y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True, scale=self.scale
         )
         y = y.transpose(1, 2).reshape(b, t, d)
         return self.resid_drop(self.proj(y))

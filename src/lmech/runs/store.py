@@ -10,6 +10,8 @@ Layout of a store rooted at ``ROOT`` (default ``./runs``)::
     ROOT/<run_id>/metrics.parquet  all parts compacted, written when the run ends
     ROOT/<run_id>/figures/*.png    figures
     ROOT/<run_id>/result.json      summary numbers an experiment reports (e.g. step to 95%)
+    ROOT/sweeps/<name>.json        a sweep's manifest: its spec and member run ids (lmech.sweeps)
+    ROOT/.attempts/<run_id>/<n>/   earlier attempts of a re-run run, moved aside by :meth:`RunStore.retire`
 
 Why it cannot be corrupted by a crash:
 
@@ -99,7 +101,11 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    try:  # Linux: a zombie (exited, not yet reaped; e.g. an orphan under a container's init) is dead
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 SCALAR_SCHEMA = pa.schema([("step", pa.int64()), ("name", pa.string()), ("value", pa.float64())])
@@ -292,7 +298,8 @@ class RunStore:
         with self._db() as con:
             con.execute("DELETE FROM runs")
         for folder in sorted(self.root.iterdir()) if self.root.exists() else []:
-            if (folder / "config.json").exists():
+            # dot-folders are not runs: .staging-* (a create cut short) and .attempts (moved-aside runs)
+            if not folder.name.startswith(".") and (folder / "config.json").exists():
                 meta = json.loads((folder / "config.json").read_text())
                 self._index_upsert(meta, self._read_status(folder))
                 rows += 1
@@ -356,10 +363,13 @@ class RunStore:
         query, args = "SELECT * FROM runs WHERE 1=1", []
         if experiment:
             query, args = query + " AND experiment = ?", [*args, experiment]
-        if sweep:
+        members = self.sweep_members(sweep) if sweep else None
+        if sweep and members is None:
             query, args = query + " AND sweep = ?", [*args, sweep]
         with self._db() as con:
             df = pd.read_sql_query(query + " ORDER BY created, id", con, params=args)
+        if members is not None:  # a sweep's members include runs it reused from other sweeps
+            df = df[df["id"].isin(members)].reset_index(drop=True)
         # the folder's status is authoritative (the index may lag behind a killed writer)
         states, steps, messages = [], [], []
         for run_id, state in zip(df["id"], df["state"]):
@@ -387,6 +397,48 @@ class RunStore:
         df = _read_parts(self.resolve(run), "arrays", ARRAY_SCHEMA).to_pandas()
         return df if name is None else df[df["name"] == name].reset_index(drop=True)
 
+    def sweep_members(self, sweep: str) -> list[str] | None:
+        """Run ids listed in the sweep's manifest ``ROOT/sweeps/<sweep>.json``; None if it has none.
+
+        A sweep identifies runs by the hash of their config and seed, so a run created by one sweep
+        can belong to another that asked for the same computation; the manifest is the membership.
+        """
+        path = self.root / "sweeps" / f"{sweep}.json"
+        if not path.exists():
+            return None
+        return [entry["run_id"] for entry in json.loads(path.read_text())["runs"]]
+
+    def retire(self, run: str) -> Path:
+        """Move a run folder aside (one atomic rename) so that its id can be run again.
+
+        The folder goes to ``ROOT/.attempts/<run_id>/<n>`` (n = 1, 2, ...): nothing is deleted, an
+        earlier failed or interrupted attempt stays readable there, and the index row is dropped.
+        """
+        path = self.root / run
+        attempts = self.root / ".attempts" / run
+        attempts.mkdir(parents=True, exist_ok=True)
+        n = 1 + max((int(p.name) for p in attempts.iterdir() if p.name.isdigit()), default=0)
+        target = attempts / str(n)
+        os.rename(path, target)  # same file system: atomic; fails rather than overwrite
+        with self._db() as con:
+            con.execute("DELETE FROM runs WHERE id = ?", (run,))
+        return target
+
+    def mark_failed(self, run: str, message: str) -> dict:
+        """Record an unfinished run as failed (its writer died; e.g. a worker process was killed).
+
+        A run that already reached a final state (done, diverged, failed) is left as it is. Returns
+        the run's status afterwards.
+        """
+        folder = self.resolve(run)
+        status = self._read_status(folder)
+        if status["state"] in ("done", "diverged", "failed"):
+            return status
+        status = {**status, "state": "failed", "message": message, "updated": _now(), "finished": _now()}
+        atomic_write_json(folder / "status.json", status)
+        self._index_upsert(json.loads((folder / "config.json").read_text()), status)
+        return status
+
     def config(self, run: str | Path) -> dict:
         return json.loads((self.resolve(run) / "config.json").read_text())
 
@@ -412,22 +464,56 @@ def load(run: str | Path | None = None, root: str | Path = DEFAULT_ROOT, experim
 
     ``load("grokking-2026...")`` gives one run's metrics (columns step, name, value; ``wide=True``
     pivots to one column per metric). ``load(experiment="grokking")`` or ``load(sweep=...)`` gives
-    every matching run's metrics with ``run_id``, ``seed`` and ``state`` columns added.
+    every matching run's metrics with ``run_id``, ``seed`` and ``state`` columns added, read by one
+    DuckDB ``read_parquet`` query over all the runs' Parquet files (each run's compacted
+    ``metrics.parquet``, or its parts while it is unfinished), in index order, then step order.
+    A sweep's grid values per run are in :func:`lmech.sweeps.summary` (join on ``run_id``).
     """
-    import pandas as pd
+    import duckdb
 
     store = RunStore(Path(root))
     if run is not None:
         return store.metrics(run, wide=wide)
-    frames = []
     index = store.runs(experiment=experiment, sweep=sweep)
-    for row in index.itertuples():
-        df = store.metrics(row.id, wide=wide)
-        df.insert(0, "run_id", row.id)
-        df.insert(1, "seed", row.seed)
-        df.insert(2, "state", row.state)
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=["run_id", "step", "name", "value"])
+    for attempt in range(3):  # an unfinished run may compact its parts between listing and reading
+        try:
+            df = _read_runs_metrics(store, index)
+            break
+        except duckdb.IOException:
+            if attempt == 2:
+                raise
+    if wide and not df.empty:
+        df = df.pivot_table(index=["run_id", "seed", "state", "step"], columns="name", values="value",
+                            aggfunc="last", sort=False).reset_index()
+        df.columns.name = None
+    return df
+
+
+def _read_runs_metrics(store: "RunStore", index) -> "pd.DataFrame":
+    import duckdb
+    import pandas as pd
+
+    files = []
+    for order, row in enumerate(index.itertuples()):
+        folder = store.root / row.id
+        compacted = folder / "metrics.parquet"
+        paths = [compacted] if compacted.exists() else sorted((folder / "metrics").glob("part-*.parquet"))
+        files += [(str(path.resolve()), order, part, row.id, int(row.seed), row.state)
+                  for part, path in enumerate(paths)]
+    if not files:
+        return pd.DataFrame({"run_id": pd.Series(dtype=object), "seed": pd.Series(dtype="int64"),
+                             "state": pd.Series(dtype=object), "step": pd.Series(dtype="int64"),
+                             "name": pd.Series(dtype=object), "value": pd.Series(dtype="float64")})
+    listing = pd.DataFrame(files, columns=["file", "run_order", "part", "run_id", "seed", "state"])
+    with duckdb.connect() as con:
+        con.register("listing", listing)
+        return con.execute(
+            "SELECT f.run_id, f.seed, f.state, m.step, m.name, m.value "
+            "FROM read_parquet(?, filename = true, file_row_number = true) AS m "
+            "JOIN listing AS f ON m.filename = f.file "
+            "ORDER BY f.run_order, f.part, m.file_row_number",
+            [listing["file"].tolist()],
+        ).df()
 
 
 def is_finite(*values: float) -> bool:

@@ -1,0 +1,93 @@
+"""Monitor overhead: a training loop with ``Monitor(probes="economy", every=100)`` against the
+same loop without it, in one process.
+
+The loop: an MLP (40-W-W-10, ReLU; W = ``--width``) on mnist1d (4,000 training examples), AdamW,
+minibatch ``--batch``, ``--steps`` steps; the monitor's probe batch is 256 training examples. Both variants run
+``--repeats`` times, interleaved (without, with, without, with, ...), CPU, one thread; the
+overhead is median(with) / median(without) - 1. The monitored run's loss curve is also checked
+to be identical to the plain run's.
+
+    python benchmarks/monitor_overhead.py [--steps 1000] [--repeats 3] [--every 100] [--preset economy]
+                                          [--width 256] [--batch 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lmech import Monitor
+from lmech.models import MLP
+from lmech.tasks import get_task
+
+
+def train(task, steps, width, batch, monitor_kwargs=None, seed=0):
+    torch.manual_seed(seed)
+    model = MLP(d_in=40, d_out=10, width=width, depth=2, activation="relu")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    mon = None
+    if monitor_kwargs is not None:
+        mon = Monitor(model, F.cross_entropy, (task.x_train[:256], task.y_train[:256]), **monitor_kwargs)
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    t0 = time.perf_counter()
+    for step in range(steps):
+        idx = torch.randint(0, len(task.x_train), (batch,), generator=gen)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(task.x_train[idx]), task.y_train[idx])
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        if mon is not None:
+            mon.step(step, optimizer=opt)
+    return time.perf_counter() - t0, losses, mon
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=1000)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--every", type=int, default=100)
+    ap.add_argument("--preset", default="economy")
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=128)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    task = get_task("mnist1d")
+    kwargs = dict(probes=args.preset, every=args.every)
+    size = (args.width, args.batch)
+    train(task, 50, *size), train(task, 50, *size, kwargs)  # warm-up (first-use costs of torch.func)
+    plain, monitored, inside = [], [], []
+    for _ in range(args.repeats):
+        t, base_losses, _ = train(task, args.steps, *size)
+        plain.append(t)
+        t, losses, mon = train(task, args.steps, *size, kwargs)
+        monitored.append(t)
+        inside.append(mon.seconds / (t - mon.seconds))
+        assert losses == base_losses, "the monitor changed the loss curve"
+    per_probe = {}
+    for _, metrics in mon.history.records:
+        for k, v in metrics.items():
+            if k.endswith("/seconds"):
+                per_probe.setdefault(k[:-8], []).append(v)
+    a, b = statistics.median(plain), statistics.median(monitored)
+    print(f"MLP 40-{args.width}-{args.width}-10, batch {args.batch}: {args.steps} steps, {args.preset} "
+          f"every {args.every} ({len(mon.history.records)} measurements)")
+    print(f"  without monitor: {a:.2f} s (runs: {', '.join(f'{t:.2f}' for t in plain)})")
+    print(f"  with monitor:    {b:.2f} s (runs: {', '.join(f'{t:.2f}' for t in monitored)})")
+    print("  seconds per measurement, by probe (last run): "
+          + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in per_probe.items()))
+    print(f"  monitor time in the last run: {mon.seconds:.2f} s ({mon.seconds / len(mon.history.records):.3f} s "
+          f"per measurement, probes and bookkeeping)")
+    print("  loss curves identical: yes")
+    print(f"RATIO overhead across runs = {100 * (b / a - 1):.1f}% of training time")
+    print(f"RATIO overhead within the monitored runs = {100 * statistics.median(inside):.1f}% of training time "
+          f"(runs: {', '.join(f'{100 * r:.1f}%' for r in inside)})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+r"""Label noise in the signal channel and the reservoir (Litman & Guo 2026, Sec. 3 and Fig. 1;
+notes ``shared/research/generalization-theory.md`` 1.3, 1.6 and checks 5 and 11).
+
+A binary task with +-1 targets (:func:`lmech.experiments._signal.binary_task`: sklearn digits
+``>= 5`` by default) has a fraction ``noise`` = :math:`q` of its training labels flipped. An MLP is
+trained on the squared loss with a :class:`lmech.probes.gramian.PathRecorder` attached. The
+initial residual :math:`r_0 = u_0 - y` splits into a clean part :math:`u_0 - y_\text{clean}`
+("signal") and a label-noise part :math:`y_\text{clean} - y` ("noise"); each is projected on the
+eigenvectors of the cumulative dissipation Gramian :math:`W_S(0, t)`, above the cut (channel:
+directions training dissipated) or below it (reservoir), giving the four cells
+{signal, noise} x {channel, reservoir} over training. Energies are per example
+(:math:`\|\Pi v\|^2/n`).
+
+Logged at every record: the recorder's step scalars, including the validation-free
+population-risk estimates ``poprisk`` / ``poprisk_path`` (module docstring of
+:mod:`lmech.probes.gramian`); at every readout: the four cells and fractions, the cut and the gap
+around it, test error and loss (clean test labels), ``heldout_noisy_loss`` (test labels with the
+same noise rate: the population the estimate targets, never seen by it), coupling and dissipation
+readouts and ``noise_transfer`` (:math:`\|G_Q g_\text{noise}\|^2/m`, the query-output displacement
+the label noise caused, by linear response).
+
+Checks (per run): with gradient descent, the coupling :math:`A\,\Delta U_S` vs :math:`\Delta U_Q`
+(correlation >= 0.99); with noise, the noise starts more in the reservoir than the signal does (the
+reservoir fraction of the noise energy exceeds that of the clean residual at the first readout);
+and the paper's validation-free claim, the correlation over training between ``poprisk`` and the
+held-out noisy loss (>= 0.9). :func:`noise_table` runs the sweep over :math:`q` and builds the
+table and figure of docs/results/signal-reservoir.md (``python -m lmech.experiments.label_noise``).
+
+Made to back the interactive label-noise playground: one run (any ``noise``, ``optimizer``,
+``task``) takes seconds to a minute and logs its energies to the run store as it goes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from lmech.experiments._signal import BINARY_TASKS, binary_task, pearson, record_training
+from lmech.experiments.base import CheckRow, Experiment, require
+from lmech.models import MLP
+from lmech.probes.gramian import half_mse
+
+CELLS = ("signal_channel", "signal_reservoir", "noise_channel", "noise_reservoir")
+
+
+@dataclass
+class LabelNoiseConfig:
+    task: Literal["digits", "mnist1d", "teacher"] = "digits"
+    noise: float = 0.2
+    n_train: int = 256
+    n_query: int = 128
+    width: int = 128
+    depth: int = 1
+    activation: Literal["relu", "tanh"] = "relu"
+    optimizer: Literal["gd", "sgd", "adam", "poprisk"] = "gd"
+    lr: float = 0.0
+    step_size: float = 0.3
+    batch_size: int = 0
+    weight_decay: float = 0.0
+    steps: int = 800
+    every: int = 5
+    readout_every: int = 40
+
+    def validate(self) -> None:
+        require(self.task in BINARY_TASKS, f"task must be one of {', '.join(BINARY_TASKS)}")
+        require(0.0 <= self.noise < 0.5, f"noise (flip fraction q) must be in [0, 0.5), got {self.noise}")
+        require(self.n_train >= 8 and self.n_query >= 2, "n_train must be >= 8 and n_query >= 2")
+        require(self.width > 0 and self.depth > 0, "width and depth must be positive")
+        require(self.lr >= 0, "lr must be >= 0 (0: automatic)")
+        require(0 < self.step_size < 2, "step_size (eta lambda_max / n for gd/sgd) must be in (0, 2)")
+        require(self.weight_decay >= 0, "weight_decay must be >= 0")
+        require(self.optimizer != "sgd" or 0 < self.batch_size < self.n_train,
+                "optimizer=sgd needs 0 < batch_size < n_train")
+        minibatch = 0 < self.batch_size < self.n_train
+        require(not minibatch or self.every == 1, "minibatch training must be recorded every step (every=1)")
+        require(self.every >= 1 and self.steps % self.every == 0 and self.readout_every % self.every == 0,
+                "every must be >= 1 and divide steps and readout_every")
+        require(self.steps >= self.readout_every > 0, "need steps >= readout_every > 0")
+
+
+def _lr(cfg: LabelNoiseConfig) -> float | None:
+    if cfg.lr > 0:
+        return cfg.lr
+    return None if cfg.optimizer in ("gd", "sgd") else 1e-3
+
+
+def run(cfg: LabelNoiseConfig, run, seed: int) -> dict:
+    data = binary_task(cfg.task, cfg.n_train, cfg.n_query, cfg.noise, seed)
+    torch.manual_seed(seed)
+    model = MLP(data.x.shape[1], 1, width=cfg.width, depth=cfg.depth, activation=cfg.activation)
+    n = cfg.n_train
+
+    def on_readout(step, rec, r, row):
+        e = r.energies
+        for part, name in (("clean", "signal"), ("noise", "noise")):
+            if part in e:
+                row[f"{name}_channel"] = e[part]["channel"] / n
+                row[f"{name}_reservoir"] = e[part]["reservoir"] / n
+                row[f"{name}_channel_soft"] = e[part]["channel_soft"] / n
+        with torch.no_grad():
+            model.eval()
+            row["heldout_noisy_loss"] = float(half_mse(model(data.x_test), data.y_test_noisy))
+            model.train()
+
+    rr = record_training(model, data.x, data.y, data.x_query, data.y_query_noisy, optimizer=cfg.optimizer,
+                         lr=_lr(cfg), steps=cfg.steps, every=cfg.every, readout_every=cfg.readout_every, run=run,
+                         y_clean=data.y_clean, x_test=data.x_test, y_test=data.y_test,
+                         weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, step_size=cfg.step_size,
+                         seed=seed, on_readout=on_readout)
+    rows = rr.rows
+    final_step, final = rr.readouts[-1]
+    col = lambda k: [r[k] for r in rows]  # noqa: E731
+    result = {
+        "noise": cfg.noise, "optimizer": cfg.optimizer, "task": cfg.task, "lr": rr.lr, "n_train": n,
+        "n_corrupted": data.info["n_corrupted"], "steps": cfg.steps,
+        "final_test_error": rows[-1]["test_error"], "min_test_error": min(col("test_error")),
+        "final_train_error": rows[-1]["train_error"], "final_test_loss": rows[-1]["test_loss"],
+        "final_heldout_noisy_loss": rows[-1]["heldout_noisy_loss"],
+        "signal_reservoir_fraction_first": rows[0]["clean_reservoir_fraction"],
+        "signal_reservoir_fraction_final": rows[-1]["clean_reservoir_fraction"],
+        "coupling_corr": final.coupling_corr, "coupling_rel_err": final.coupling_rel_err,
+        "dissipation_rel_err": final.dissipation_rel_err, "max_lin_error": max(col("lin_error")),
+        "n_channel": final.split.n_channel, "cutoff": final.split.cutoff, "gap_ratio": final.split.gap_ratio,
+        "near_cut_fraction": final.split.near_cut_fraction, "drift": final.drift_op,
+        "poprisk_final": rows[-1]["poprisk"], "poprisk_path_final": rows[-1]["poprisk_path"],
+        "poprisk_corr_heldout": pearson(col("poprisk"), col("heldout_noisy_loss")),
+        "poprisk_path_corr_heldout": pearson(col("poprisk_path"), col("heldout_noisy_loss")),
+        "train_loss_corr_heldout": pearson(col("loss"), col("heldout_noisy_loss")),
+        "poprisk_rel_err_final": abs(rows[-1]["poprisk"] - rows[-1]["heldout_noisy_loss"])
+        / rows[-1]["heldout_noisy_loss"],
+    }
+    if cfg.noise > 0:
+        result.update({
+            "noise_reservoir_fraction_first": rows[0]["noise_reservoir_fraction"],
+            "noise_reservoir_fraction_final": rows[-1]["noise_reservoir_fraction"],
+            "noise_channel_final": rows[-1]["noise_channel"],
+            "noise_channel_soft_final": rows[-1]["noise_channel_soft"],
+            "noise_transfer_final": rows[-1]["noise_transfer"],
+            "test_error_corr_noise_channel": pearson(col("test_error"), col("noise_channel")),
+        })
+    from lmech.report.signal_reservoir import label_noise_figure
+
+    title = f"{cfg.task}, q = {cfg.noise:g}, {cfg.optimizer}, width {cfg.width}, n = {n}"
+    run.save_figure(label_noise_figure(rows, final.split, final.extras["projections"], title), "label_noise")
+    return result
+
+
+def check(result: dict) -> list[CheckRow]:
+    rows = []
+    if result.get("optimizer") in ("gd", "sgd"):
+        rows.append(CheckRow.at_least("corr(A dU_S, dU_Q) (Thm 5.1)", 0.99, result["coupling_corr"]))
+    if result.get("noise", 0) > 0:
+        rows.append(CheckRow.at_least("noise reservoir fraction - signal reservoir fraction (first readout)", 0.0,
+                                      result["noise_reservoir_fraction_first"] - result["signal_reservoir_fraction_first"]))
+    rows.append(CheckRow.at_least("corr over training(poprisk estimate, held-out noisy loss)", 0.9,
+                                  result["poprisk_corr_heldout"]))
+    return rows
+
+
+def noise_table(qs=(0.0, 0.1, 0.2, 0.3, 0.4), sets: dict | None = None, seeds: int = 1, out: str | Path = "runs",
+                workers: int = 1, quick: bool = False):
+    """Run ``label-noise`` for every noise level in ``qs`` (a resumable sweep) and return the table:
+    one row per run with the noise reservoir fractions, test error, the population-risk estimate's
+    correlation with the held-out loss (and the training loss's, for comparison), the channel noise
+    energy and the coupling."""
+    from lmech.sweeps import run_sweep
+
+    df = run_sweep("label-noise", sets=dict(sets or {}), grid={"noise": list(qs)}, seeds=seeds, workers=workers,
+                   out=out, quick=quick, progress=False)
+    keep = ["noise", "seed", "state", "final_test_error", "min_test_error", "final_train_error",
+            "noise_reservoir_fraction_first", "noise_reservoir_fraction_final", "signal_reservoir_fraction_final",
+            "noise_channel_final", "noise_transfer_final", "final_heldout_noisy_loss", "poprisk_final",
+            "poprisk_corr_heldout", "poprisk_path_corr_heldout", "train_loss_corr_heldout", "coupling_corr",
+            "run_id"]
+    return df[[c for c in keep if c in df.columns]].sort_values(["noise", "seed"]).reset_index(drop=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m lmech.experiments.label_noise [--qs 0,0.1,...] [--set k=v] [--quick] --out runs
+    --docs docs/results``: the table over q (markdown) and its figure."""
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--qs", default="0,0.1,0.2,0.3,0.4")
+    parser.add_argument("--set", action="append", default=[], dest="sets")
+    parser.add_argument("--seeds", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="runs")
+    parser.add_argument("--docs", default=None, help="folder for label_noise_table.md and label_noise_table.png")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    sets = dict(s.split("=", 1) for s in args.sets)
+    df = noise_table([float(q) for q in args.qs.split(",")], sets, args.seeds, args.out, args.workers, args.quick)
+    from lmech.report.signal_reservoir import markdown_table
+
+    text = markdown_table(df.drop(columns=["run_id"]))
+    print(text)
+    if args.docs:
+        from lmech.report.signal_reservoir import noise_table_figure
+        from lmech.runs import RunStore
+
+        docs = Path(args.docs)
+        docs.mkdir(parents=True, exist_ok=True)
+        (docs / "label_noise_table.md").write_text(text + "\n")
+        store = RunStore(Path(args.out))
+        curves = {float(r.noise): store.metrics(r.run_id, wide=True) for r in df.itertuples()}
+        noise_table_figure(df, curves).savefig(docs / "label_noise_table.png", dpi=120, bbox_inches="tight")
+
+
+EXPERIMENT = Experiment(
+    name="label-noise",
+    summary="label noise q in the signal channel vs the reservoir: four-cell decomposition, test error, "
+            "population-risk estimate",
+    config=LabelNoiseConfig,
+    run=run,
+    check=check,
+    quick={"n_train": 128, "n_query": 64, "width": 64, "steps": 200, "readout_every": 20},
+)
+
+
+if __name__ == "__main__":
+    main()

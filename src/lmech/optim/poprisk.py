@@ -1,0 +1,576 @@
+r"""PopRiskAdamW: AdamW with the per-parameter signal-to-noise gate of the generalization theory.
+
+Source: Litman & Guo, *A Theory of Generalization in Deep Learning* (arXiv 2605.01172, 2026),
+Sec. 6 and Algorithm 1 (App. F), as reconstructed in ``shared/research/generalization-theory.md``
+sections 1.6 and 2 (the paper body could not be read first-hand; three independent ports agree
+line for line on the update below).
+
+Why a gate
+----------
+For a minibatch of ``b`` per-example gradients :math:`g_1..g_b` with mean :math:`\bar g`, the
+per-coordinate quantity
+
+.. math:: \bar g_k^2 - \frac{\Sigma_{B,k}}{b-1}, \qquad
+          \Sigma_{B,k} = \frac1b \sum_{i\in B} (g_{ik} - \bar g_k)^2
+
+equals :math:`\frac{1}{b(b-1)}\sum_{i\ne j} g_{ik} g_{jk}`, the unbiased (leave-one-out)
+U-statistic for :math:`\mu_k^2`, the squared *population* mean gradient. A step
+:math:`\Delta w = -\eta\,\mathrm{diag}(q)\,\bar g` therefore changes the population risk, to first
+order, by :math:`-\eta \sum_k q_k (\bar g_k^2 - \alpha\,\Sigma_{B,k}/(b-1))`, while the training
+loss change :math:`-\eta\sum_k q_k \bar g_k^2` also contains the self-terms (memorization).
+Maximizing the estimated population descent over :math:`q_k \in [0, 1]` gives the gate
+:math:`q_k = \mathbf 1\{\bar g_k^2 > \alpha\,\Sigma_{B,k}/(b-1)\}`. Algorithm 1 replaces the
+per-example statistics by streaming ones: Adam's first moment for :math:`\bar g` and an EMA ``s``
+of the centered squared gradient, :math:`\mathbb E[\Sigma_B/(b-1)] = \mathrm{Var}(\bar g)`.
+:func:`leave_one_out_term` and :func:`compare_noise_proxy` compute the exact term from
+per-example gradients to check how well the proxy tracks it.
+
+The update (per element :math:`k`, step :math:`t`; ``g`` is the minibatch-mean gradient)
+--------------------------------------------------------------------------------------
+
+.. math::
+
+    s_t &= \rho\, s_{t-1} + (1-\rho)\,(g_t - m_{t-1})^2 \quad\text{(centred on the previous } m)\\
+    m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2\\
+    \hat m &= m_t/(1-\beta_1^t),\quad \hat v = v_t/(1-\beta_2^t),\quad \hat s = s_t/(1-\rho^t)\\
+    w_t &= w_{t-1} - \eta\,\lambda_{wd}\,w_{t-1}\,[q \text{ if gate\_weight\_decay}]
+           - \eta\, q \odot \hat m / (\sqrt{\hat v} + \epsilon)
+
+with the gate :math:`q \in [0, 1]` (``softness`` :math:`=\lambda`, gate stabilizer
+:math:`\varepsilon_q` = ``gate_eps``, :math:`d = \hat m^2 - \alpha \hat s`):
+
+========  ==========================================================================  ============
+``gate``  :math:`q`                                                                   source
+========  ==========================================================================  ============
+soft      :math:`d_+ / (d_+ + \lambda \hat s + \varepsilon_q)`                         eq. 242, Alg. 1
+hard      :math:`\mathbf 1\{d > 0\}`                                                   eq. 241
+snr       :math:`\hat m^2 / (\hat m^2 + \lambda\,\alpha\,\hat s + \varepsilon_q)`      eq. 243
+none      :math:`1` (exactly ``torch.optim.AdamW``)                                    control arm
+========  ==========================================================================  ============
+
+``softness=0`` makes ``soft`` equal to ``hard`` (up to ``gate_eps``). In ``snr`` we multiply
+:math:`\lambda` by :math:`\alpha` (one port does, eq. 243 as transcribed has no :math:`\alpha`;
+with the default :math:`\alpha = 1` both agree), so that ``alpha="finite"`` affects every gate.
+``reduction="tensor"`` gates a whole tensor with one :math:`q` computed from
+:math:`\sum_k \hat m_k^2` and :math:`\sum_k \hat s_k` over the tensor (the official code's
+``per_tensor``).
+
+``alpha``: a number; ``"fresh"`` = 1 (fresh batches, the paper's boundary); ``"finite"`` =
+:math:`b/(n-b)` (App. F.4, eq. 245: batches drawn from a fixed set of ``dataset_size`` = n
+examples, ``batch_size`` = b; with :math:`n \gg b` the gate is nearly the identity).
+
+Decisions on the open points (research notes §2.4), settled by experiment
+----------------------------------------------------------------------------
+Measured with ``python scripts/poprisk_study.py ablations`` (tables in ``docs/results/poprisk.md``).
+
+* **First step gating.** At :math:`t = 1`, :math:`\hat m = g` and :math:`\hat s = g^2`, so
+  :math:`\hat m^2/\hat s = 1` exactly: ``hard``/``soft`` with :math:`\alpha \ge 1` block every
+  parameter on step 1 and, because :math:`s` was centred on :math:`m_0 = 0`, stay partly shut
+  for tens of steps even for a noiseless gradient: for a constant gradient the soft gate
+  (:math:`\alpha = \lambda = 1`, default betas and rho) is 0 at step 1, 0.55 at step 10 and
+  0.92 at step 50 (``snr``: 0.5, 0.69, 0.92). We keep Algorithm 1 literally (the moments are
+  updated from step 1) and add ``gate_warmup`` (default 0): for the first ``gate_warmup`` steps
+  the gate is held open (:math:`q = 1`) while ``m, v, s`` accumulate. See the docs page for the
+  measured effect; the default stays 0 because it is the algorithm as published.
+* **Weight decay.** ``gate_weight_decay=False`` (default, Algorithm 1: decoupled, ungated) or
+  ``True`` (the decay of element :math:`k` is multiplied by :math:`q_k`). With ungated decay, a
+  closed gate leaves decay acting alone and shrinks the parameter geometrically,
+  :math:`w \to (1-\eta\lambda_{wd})^t w`; the experiment in the docs page measures what this does
+  to grokking.
+* **Normalization.** :math:`\hat s` estimates :math:`\Sigma_B/(b-1)` itself; it is *not* divided
+  by :math:`b-1` again (one port does, which double-counts :math:`1/b`).
+* **Stationary bias.** With stationary gradients :math:`\mathbb E[s] \approx
+  \mathrm{Var}(\bar g) \cdot 2/(1+\beta_1)` (about 1.05x) and :math:`s` also counts drift of the
+  mean as noise; :func:`compare_noise_proxy` measures the ratio on a real run.
+
+Diagnostics (:meth:`PopRiskAdamW.diagnostics`) are computed on demand from the optimizer state
+(``m``, ``s``, ``step`` after the last step determine the gate that step used), so ``step()``
+pays nothing for them and nothing is synchronized until they are read.
+
+Implementations: ``step()`` uses ``torch._foreach_*`` ops on the parameters grouped by device,
+dtype and step count (bias corrections are folded into the scalar arguments); ``fused=True`` runs
+one ``torch.compile``-d elementwise kernel per tensor instead (bias corrections passed as tensor
+data, so the kernel compiles once; about 20 s of compilation on CPU, then the fastest path; see
+``benchmarks/optimizer_step.py``).
+
+Example:
+    >>> import torch
+    >>> from lmech.optim import PopRiskAdamW
+    >>> model = torch.nn.Linear(4, 1)
+    >>> opt = PopRiskAdamW(model.parameters(), lr=1e-2, gate="snr", alpha="finite",
+    ...                    batch_size=32, dataset_size=1024)
+    >>> for _ in range(3):
+    ...     opt.zero_grad()
+    ...     model(torch.randn(32, 4)).pow(2).mean().backward()
+    ...     opt.step()
+    >>> sorted(opt.diagnostics())
+    ['gate_closed_fraction', 'gate_mean', 'noise', 'pop_descent', 'signal', 'step']
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["PopRiskAdamW", "GATES", "REDUCTIONS", "resolve_alpha", "leave_one_out_term", "batch_noise",
+           "compare_noise_proxy"]
+
+GATES = ("soft", "hard", "snr", "none")
+REDUCTIONS = ("element", "tensor")
+AlphaSpec = Union[float, str]
+
+
+def resolve_alpha(alpha: AlphaSpec, batch_size: int | None = None, dataset_size: int | None = None) -> float:
+    """The leave-one-out coefficient: a number, ``"fresh"`` (1) or ``"finite"`` (b / (n - b))."""
+    if isinstance(alpha, str):
+        if alpha == "fresh":
+            return 1.0
+        if alpha == "finite":
+            if batch_size is None or dataset_size is None:
+                raise ValueError('alpha="finite" needs batch_size and dataset_size (alpha = b / (n - b)); '
+                                 "pass both, or give alpha as a number")
+            if not (0 < batch_size < dataset_size):
+                raise ValueError(f'alpha="finite" needs 0 < batch_size < dataset_size, got batch_size={batch_size}, '
+                                 f"dataset_size={dataset_size} (full-batch training has no leave-one-out noise; "
+                                 "use gate='none' or a numeric alpha)")
+            return batch_size / (dataset_size - batch_size)
+        raise ValueError(f'alpha must be a number, "fresh" or "finite", got {alpha!r}')
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
+        raise ValueError(f'alpha must be a finite number >= 0, "fresh" or "finite", got {alpha!r}')
+    return float(alpha)
+
+
+def _check_group(group: dict) -> None:
+    lr, eps, wd, rho = group["lr"], group["eps"], group["weight_decay"], group["rho"]
+    b1, b2 = group["betas"]
+    if isinstance(lr, Tensor):
+        raise ValueError("PopRiskAdamW takes lr as a float, not a Tensor")
+    if not lr >= 0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps}")
+    if not wd >= 0:
+        raise ValueError(f"weight_decay must be >= 0, got {wd}")
+    if not (0 <= b1 < 1 and 0 <= b2 < 1):
+        raise ValueError(f"betas must be in [0, 1), got {group['betas']}")
+    if not 0 <= rho < 1:
+        raise ValueError(f"rho must be in [0, 1), got {rho}")
+    if group["gate"] not in GATES:
+        raise ValueError(f"gate must be one of {', '.join(GATES)}, got {group['gate']!r}")
+    if group["reduction"] not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {group['reduction']!r}")
+    if not group["softness"] >= 0:
+        raise ValueError(f"softness must be >= 0, got {group['softness']}")
+    if not group["gate_eps"] > 0:
+        raise ValueError(f"gate_eps must be > 0 (it defines the gate where m_hat = s_hat = 0), got {group['gate_eps']}")
+    if not (isinstance(group["gate_warmup"], int) and group["gate_warmup"] >= 0):
+        raise ValueError(f"gate_warmup must be an integer >= 0, got {group['gate_warmup']!r}")
+    resolve_alpha(group["alpha"], group["batch_size"], group["dataset_size"])
+
+
+class _Scalars:
+    """Every per-step scalar of one (group, step count), in the units of the raw state m, v, s.
+
+    The gate is evaluated on raw state: with ``bc1 = 1 - beta1^t`` and ``bcs = 1 - rho^t``,
+    ``m_hat^2 - alpha s_hat = (m^2 - c s) / bc1^2`` with ``c = alpha bc1^2 / bcs``; numerator and
+    denominator of the soft/snr gates are multiplied by ``bc1^2``.
+    """
+
+    def __init__(self, group: dict, t: int):
+        b1, b2 = group["betas"]
+        rho, lam = group["rho"], group["softness"]
+        self.alpha = resolve_alpha(group["alpha"], group["batch_size"], group["dataset_size"])
+        self.bc1 = 1 - b1 ** t
+        self.bc2 = 1 - b2 ** t
+        self.bcs = 1 - rho ** t
+        ratio = self.bc1 ** 2 / self.bcs
+        self.c = self.alpha * ratio                          # m^2 - c s  =  bc1^2 (m_hat^2 - alpha s_hat)
+        self.lam_soft = lam * ratio                          # soft: lambda s_hat, in raw units
+        self.lam_snr = lam * self.alpha * ratio              # snr: lambda alpha s_hat, in raw units
+        self.eps_q = group["gate_eps"] * self.bc1 ** 2
+        self.open = t <= group["gate_warmup"] or group["gate"] == "none"
+        self.step_size = group["lr"] / self.bc1
+        self.bc2_sqrt = math.sqrt(self.bc2)
+
+
+def _foreach_gate(ms: list[Tensor], ss: list[Tensor], gate: str, reduction: str, sc: _Scalars) -> list[Tensor]:
+    """q for every tensor (new tensors; one per element, or a 0-d tensor per tensor)."""
+    if reduction == "tensor":
+        norms = torch._foreach_norm(ms, 2)
+        num = torch._foreach_mul(norms, norms)               # sum_k m_k^2 per tensor
+        s_sum = torch._foreach_norm(ss, 1)                    # sum_k s_k (s >= 0)
+    else:
+        num = torch._foreach_mul(ms, ms)
+        s_sum = ss
+    if gate == "snr":
+        den = torch._foreach_add(num, s_sum, alpha=sc.lam_snr)
+        torch._foreach_add_(den, sc.eps_q)
+        torch._foreach_div_(num, den)
+        return num
+    torch._foreach_add_(num, s_sum, alpha=-sc.c)              # d = m^2 - c s
+    if gate == "hard":
+        torch._foreach_sign_(num)
+        torch._foreach_clamp_min_(num, 0.0)
+        return num
+    torch._foreach_clamp_min_(num, 0.0)                       # soft
+    den = torch._foreach_add(num, s_sum, alpha=sc.lam_soft)
+    torch._foreach_add_(den, sc.eps_q)
+    torch._foreach_div_(num, den)
+    return num
+
+
+def _state_gates(group: dict, sc: _Scalars, ms: list[Tensor], ss: list[Tensor]) -> list[Tensor]:
+    """The gates a step with these scalars applies (ones while the gate is held open)."""
+    if sc.open:
+        if group["reduction"] == "tensor":
+            return [torch.ones((), dtype=m.dtype, device=m.device) for m in ms]
+        return [torch.ones_like(m) for m in ms]
+    return _foreach_gate(ms, ss, group["gate"], group["reduction"], sc)
+
+
+def _fused_update(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor, sc: Tensor, gate: str, reduction: str,
+                  gate_weight_decay: bool) -> None:
+    """One tensor's whole update, written for torch.compile (every step-dependent scalar is in ``sc``).
+
+    ``sc`` = [rho, beta1, beta2, lr*wd, step_size, bc2_sqrt, eps, c, lam_soft, lam_snr, eps_q, open].
+    """
+    rho, b1, b2, lr_wd, step_size, bc2_sqrt, eps, c, lam_soft, lam_snr, eps_q, is_open = sc.unbind(0)
+    diff = g - m
+    s.copy_(s * rho + (1 - rho) * diff * diff)
+    m.copy_(m + (1 - b1) * (g - m))
+    v.copy_(v * b2 + (1 - b2) * g * g)
+    if reduction == "tensor":
+        num = (m * m).sum()
+        s_sum = s.sum()
+    else:
+        num = m * m
+        s_sum = s
+    if gate == "snr":
+        q = num / (num + lam_snr * s_sum + eps_q)
+    elif gate == "hard":
+        q = (num - c * s_sum > 0).to(m.dtype)
+    elif gate == "soft":
+        d = (num - c * s_sum).clamp_min(0)
+        q = d / (d + lam_soft * s_sum + eps_q)
+    else:
+        q = torch.ones_like(num)
+    q = q + is_open * (1 - q)
+    decay = 1 - lr_wd * q if gate_weight_decay else 1 - lr_wd
+    p.copy_(p * decay - step_size * q * m / (v.sqrt() / bc2_sqrt + eps))
+
+
+_COMPILED: Callable | None = None
+
+
+def _compiled_update() -> Callable:
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(_fused_update, dynamic=True, fullgraph=True)
+    return _COMPILED
+
+
+class PopRiskAdamW(torch.optim.Optimizer):
+    r"""AdamW whose update is gated per parameter by the population-risk (leave-one-out) test.
+
+    See the module docstring for the formulas, sources and the decisions on the open points.
+
+    Args:
+        params: parameters or param groups (every argument below may be set per group).
+        lr: learning rate :math:`\eta`.
+        betas: Adam's :math:`(\beta_1, \beta_2)`.
+        eps: Adam's :math:`\epsilon`.
+        weight_decay: decoupled weight decay :math:`\lambda_{wd}` (AdamW convention: the step
+            multiplies :math:`w` by :math:`1 - \eta\lambda_{wd}`).
+        rho: EMA rate of the centred variance ``s`` (0.99).
+        gate: ``"soft"`` (Algorithm 1), ``"hard"``, ``"snr"`` or ``"none"`` (== AdamW).
+        softness: :math:`\lambda` of the soft and snr gates.
+        alpha: a number, ``"fresh"`` (1) or ``"finite"`` (``batch_size / (dataset_size -
+            batch_size)``).
+        batch_size, dataset_size: needed by ``alpha="finite"``.
+        reduction: ``"element"`` (one gate per scalar) or ``"tensor"`` (one per tensor).
+        gate_eps: :math:`\varepsilon_q`, keeps the gate defined where :math:`\hat s = 0`.
+        gate_warmup: number of initial steps with the gate held open (moments still updated).
+        gate_weight_decay: multiply each element's weight decay by its gate.
+        fused: run a ``torch.compile``-d per-tensor kernel instead of the foreach ops.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 2)
+        >>> opt = PopRiskAdamW(model.parameters(), lr=1e-3, weight_decay=0.1, gate="soft")
+        >>> model(torch.randn(8, 3)).sum().backward()
+        >>> opt.step()
+        >>> round(opt.diagnostics()["gate_mean"], 6)     # step 1: m_hat^2 == s_hat, the soft gate is shut
+        0.0
+    """
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 1e-2, rho: float = 0.99, gate: str = "soft",
+                 softness: float = 1.0, alpha: AlphaSpec = "fresh", batch_size: int | None = None,
+                 dataset_size: int | None = None, reduction: str = "element", gate_eps: float = 1e-12,
+                 gate_warmup: int = 0, gate_weight_decay: bool = False, fused: bool = False):
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, rho=rho, gate=gate,
+                        softness=softness, alpha=alpha, batch_size=batch_size, dataset_size=dataset_size,
+                        reduction=reduction, gate_eps=gate_eps, gate_warmup=gate_warmup,
+                        gate_weight_decay=bool(gate_weight_decay), fused=bool(fused))
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for p in group["params"]:
+            if torch.is_complex(p):
+                raise ValueError("PopRiskAdamW does not support complex parameters; optimize "
+                                 "torch.view_as_real(p) as a real parameter instead")
+            if not p.is_floating_point():
+                raise ValueError(f"PopRiskAdamW needs floating-point parameters, got dtype {p.dtype}")
+        _check_group(group)
+
+    # ---------------------------------------------------------------------------------------
+    def _init_state(self, p: Tensor) -> dict:
+        state = self.state[p]
+        if len(state) == 0:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_var"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _subgroups(self, group: dict, with_grad: bool = True) -> dict:
+        """(device, dtype, step) -> lists of params, grads, m, v, s (after incrementing step if with_grad)."""
+        out: dict = {}
+        for p in group["params"]:
+            if with_grad:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("PopRiskAdamW does not support sparse gradients; use dense gradients "
+                                       "(e.g. nn.Embedding(sparse=False)) or torch.optim.SparseAdam")
+                state = self._init_state(p)
+                state["step"] += 1
+            else:
+                state = self.state.get(p)
+                if not state:
+                    continue
+            t = int(state["step"].item())
+            lists = out.setdefault((p.device, p.dtype, t), ([], [], [], [], []))
+            for lst, x in zip(lists, (p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["exp_var"])):
+                lst.append(x)
+        return out
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """One optimizer step (``closure`` re-evaluates the loss, as in ``torch.optim``)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for (device, _, t), (ps, gs, ms, vs, ss) in self._subgroups(group).items():
+                sc = _Scalars(group, t)
+                if group["fused"]:
+                    self._fused_step(group, sc, device, ps, gs, ms, vs, ss)
+                else:
+                    self._foreach_step(group, sc, ps, gs, ms, vs, ss)
+        return loss
+
+    @staticmethod
+    def _foreach_step(group: dict, sc: _Scalars, ps, gs, ms, vs, ss) -> None:
+        b1, b2 = group["betas"]
+        rho, lr, wd = group["rho"], group["lr"], group["weight_decay"]
+        diff = torch._foreach_sub(gs, ms)                      # g - m_{t-1}
+        torch._foreach_mul_(ss, rho)
+        torch._foreach_addcmul_(ss, diff, diff, 1 - rho)
+        del diff
+        if wd != 0 and (sc.open or not group["gate_weight_decay"]):
+            torch._foreach_mul_(ps, 1 - lr * wd)               # AdamW's order: decay, then the moments
+        torch._foreach_lerp_(ms, gs, 1 - b1)
+        torch._foreach_mul_(vs, b2)
+        torch._foreach_addcmul_(vs, gs, gs, 1 - b2)
+        denom = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denom, sc.bc2_sqrt)
+        torch._foreach_add_(denom, group["eps"])
+        if sc.open:
+            torch._foreach_addcdiv_(ps, ms, denom, -sc.step_size)
+            return
+        q = _foreach_gate(ms, ss, group["gate"], group["reduction"], sc)
+        if wd != 0 and group["gate_weight_decay"]:
+            decay = torch._foreach_mul(q, -lr * wd)
+            torch._foreach_add_(decay, 1.0)
+            torch._foreach_mul_(ps, decay)                     # w <- w (1 - lr wd q)
+            del decay
+        if group["reduction"] == "tensor":
+            q = torch._foreach_mul(ms, q)                      # m times a 0-d gate per tensor
+        else:
+            torch._foreach_mul_(q, ms)                         # q * m, in place
+        torch._foreach_addcdiv_(ps, q, denom, -sc.step_size)
+
+    @staticmethod
+    def _fused_step(group: dict, sc: _Scalars, device, ps, gs, ms, vs, ss) -> None:
+        b1, b2 = group["betas"]
+        scalars = torch.tensor([group["rho"], b1, b2, group["lr"] * group["weight_decay"], sc.step_size,
+                                sc.bc2_sqrt, group["eps"], sc.c, sc.lam_soft, sc.lam_snr, sc.eps_q,
+                                float(sc.open)], dtype=ps[0].dtype, device=device)
+        kernel = _compiled_update()
+        for p, g, m, v, s in zip(ps, gs, ms, vs, ss):
+            if p.is_contiguous() and g.is_contiguous() and m.is_contiguous():
+                p, g, m, v, s = (x.view(-1) for x in (p, g, m, v, s))
+            kernel(p, g, m, v, s, scalars, group["gate"], group["reduction"], group["gate_weight_decay"])
+
+    # ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def gates(self) -> dict[Tensor, Tensor]:
+        """The gate ``q`` each parameter received in the last step (``{param: q}``; 0-d per tensor
+        with ``reduction="tensor"``; ones while the gate is held open)."""
+        out: dict[Tensor, Tensor] = {}
+        for group in self.param_groups:
+            for (_, _, t), (ps, _, ms, _, ss) in self._subgroups(group, with_grad=False).items():
+                out.update(zip(ps, _state_gates(group, _Scalars(group, t), ms, ss)))
+        return out
+
+    @torch.no_grad()
+    def diagnostics(self) -> dict[str, float]:
+        r"""Statistics of the last step, computed from the state on demand (one sync, here).
+
+        * ``gate_mean``: mean of :math:`q` over all scalars (a tensor's gate counts once per scalar);
+        * ``gate_closed_fraction``: fraction of scalars with :math:`q < 1/2`;
+        * ``pop_descent``: :math:`\sum_u (\hat M_u - \alpha \hat S_u)_+` over gating units
+          :math:`u` (scalars, or tensors with ``reduction="tensor"``, :math:`\hat M_u = \sum_{k\in u}
+          \hat m_k^2`, :math:`\hat S_u = \sum_{k\in u} \hat s_k`): the validation-free estimate of
+          the population-risk descent rate;
+        * ``signal`` :math:`= \sum_k \hat m_k^2`, ``noise`` :math:`= \sum_k \alpha \hat s_k`;
+        * ``step``: the largest step count.
+
+        All are 0 before the first step.
+        """
+        totals = []
+        n_total, step = 0, 0
+        for group in self.param_groups:
+            for (_, _, t), (ps, _, ms, _, ss) in self._subgroups(group, with_grad=False).items():
+                sc = _Scalars(group, t)
+                step = max(step, t)
+                scale = 1.0 / sc.bc1 ** 2                     # raw (m^2 - c s) -> hat units
+                q = _state_gates(group, sc, ms, ss)
+                norms = torch._foreach_norm(ms, 2)
+                signal = torch._foreach_mul(norms, norms)
+                s_sums = torch._foreach_norm(ss, 1)
+                for m, s, qi, sig, s_sum in zip(ms, ss, q, signal, s_sums):
+                    n = m.numel()
+                    n_total += n
+                    if group["reduction"] == "tensor":         # one gate for the whole tensor
+                        units = (sig - sc.c * s_sum).clamp_min(0) * scale
+                        gate_sum, closed = qi * n, (qi < 0.5).to(m.dtype) * n
+                    else:
+                        units = (m * m - sc.c * s).clamp_min_(0).sum() * scale
+                        gate_sum, closed = qi.sum(), (qi < 0.5).sum().to(m.dtype)
+                    totals.append(torch.stack([gate_sum.double(), closed.double(), units.double(),
+                                               (sig * scale).double(), (s_sum * sc.alpha / sc.bcs).double()]))
+        if not totals:
+            return dict(gate_mean=0.0, gate_closed_fraction=0.0, pop_descent=0.0, signal=0.0, noise=0.0, step=0)
+        g, c, d, sig, noise = torch.stack(totals).sum(0).tolist()
+        return dict(gate_mean=g / n_total, gate_closed_fraction=c / n_total, pop_descent=d, signal=sig,
+                    noise=noise, step=step)
+
+
+# -------------------------------------------------------------------------------------------
+# Exact mode: the leave-one-out term from per-example gradients
+# -------------------------------------------------------------------------------------------
+
+
+def leave_one_out_term(per_example: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    r"""Batch mean :math:`\bar g` and leave-one-out noise :math:`\Sigma_B/(b-1)`, per coordinate.
+
+    ``per_example[name]`` has shape ``(b, *param.shape)``. With the paper's (biased) normalization
+    :math:`\Sigma_B = \frac1b\sum_i (g_i - \bar g)^2`,
+
+    .. math:: \bar g^2 - \frac{\Sigma_B}{b-1} = \frac{1}{b(b-1)}\sum_{i\ne j} g_i g_j,
+
+    the unbiased U-statistic for :math:`\mu^2` (each example scored against the other
+    :math:`b-1`), and :math:`\mathbb E[\Sigma_B/(b-1)] = \mathrm{Var}(\bar g)` for i.i.d. examples.
+
+    Example:
+        >>> g = {"w": torch.tensor([[1.0], [3.0]])}
+        >>> mean, loo = leave_one_out_term(g)
+        >>> mean["w"].item(), loo["w"].item()          # Sigma_B = 1, b - 1 = 1
+        (2.0, 1.0)
+    """
+    means, loos = {}, {}
+    for name, g in per_example.items():
+        b = g.shape[0]
+        if b < 2:
+            raise ValueError(f"the leave-one-out term needs at least 2 examples per batch, got {b} for {name!r}")
+        mean = g.mean(0)
+        means[name] = mean
+        loos[name] = (g - mean).square().mean(0) / (b - 1)
+    return means, loos
+
+
+def batch_noise(model, loss_fn: Callable, inputs, targets, params=None, chunk_size: int | None = None,
+                **kwargs) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    r""":func:`leave_one_out_term` of the per-example gradients of ``model`` on one batch.
+
+    Per-example gradients come from :func:`lmech.core.per_example_grads` (``loss_fn`` is the
+    training loss evaluated on a batch of one, so with a ``mean`` loss :math:`\bar g` is the
+    minibatch gradient the optimizer sees). ``kwargs`` go to ``per_example_grads`` (``max_bytes``).
+    Returns ``({name: g_bar}, {name: Sigma_B / (b - 1)})``.
+    """
+    from lmech.core import per_example_grads
+
+    grads = per_example_grads(model, loss_fn, inputs, targets, params=params, chunk_size=chunk_size, **kwargs)
+    return leave_one_out_term(grads)
+
+
+@torch.no_grad()
+def compare_noise_proxy(optimizer: PopRiskAdamW, model: torch.nn.Module, loss_fn: Callable, inputs, targets, params=None,
+                        chunk_size: int | None = None, **kwargs) -> dict[str, float]:
+    r"""How well the EMA proxy :math:`\hat s` tracks the exact :math:`\Sigma_B/(b-1)` on a batch.
+
+    Computes the exact term at the current weights on ``(inputs, targets)`` (a fresh batch of the
+    training size) and compares, over every coordinate of the selected parameters that the
+    optimizer holds state for:
+
+    * ``noise_ratio`` :math:`= \sum_k \hat s_k / \sum_k \Sigma_{B,k}/(b-1)` (1 = unbiased;
+      about :math:`2/(1+\beta_1)` expected for stationary gradients, more when the mean drifts);
+    * ``median_ratio``: median over coordinates of :math:`\hat s_k / (\Sigma_{B,k}/(b-1))`;
+    * ``log_corr``: Pearson correlation of :math:`\log \hat s_k` and :math:`\log \Sigma_{B,k}/(b-1)`;
+    * ``gate_agreement``: fraction of coordinates where :math:`\mathbf 1\{\hat m^2 > \alpha\hat s\}`
+      equals :math:`\mathbf 1\{\bar g^2 > \alpha\Sigma_B/(b-1)\}`;
+    * ``pop_descent_proxy`` :math:`= \sum_k(\hat m_k^2-\alpha\hat s_k)_+` and
+      ``pop_descent_exact`` :math:`= \sum_k(\bar g_k^2-\alpha\Sigma_{B,k}/(b-1))_+`;
+    * ``n_coords``: coordinates compared.
+    """
+    with torch.enable_grad():
+        means, loos = batch_noise(model, loss_fn, inputs, targets, params=params, chunk_size=chunk_size, **kwargs)
+    named = dict(model.named_parameters())
+    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    s_hat, exact, m_hat, g_bar, alphas = [], [], [], [], []
+    for name in means:
+        p = named[name]
+        state = optimizer.state.get(p)
+        if not state or id(p) not in group_of:
+            continue
+        group = group_of[id(p)]
+        t = int(state["step"].item())
+        sc = _Scalars(group, t)
+        s_hat.append((state["exp_var"] / sc.bcs).flatten().double())
+        m_hat.append((state["exp_avg"] / sc.bc1).flatten().double())
+        exact.append(loos[name].flatten().double())
+        g_bar.append(means[name].flatten().double())
+        alphas.append(torch.full_like(s_hat[-1], sc.alpha))
+    if not s_hat:
+        raise ValueError("no selected parameter has optimizer state: take at least one optimizer step first, "
+                         "and pass the model whose parameters the optimizer holds")
+    s_hat, exact, m_hat, g_bar, alpha = (torch.cat(x) for x in (s_hat, exact, m_hat, g_bar, alphas))
+    both = (s_hat > 0) & (exact > 0)
+    log_s, log_e = s_hat[both].log(), exact[both].log()
+    corr = torch.corrcoef(torch.stack([log_s, log_e]))[0, 1] if both.sum() > 1 else torch.tensor(float("nan"))
+    return dict(
+        noise_ratio=float(s_hat.sum() / exact.sum()),
+        median_ratio=float((s_hat[both] / exact[both]).median()) if both.any() else float("nan"),
+        log_corr=float(corr),
+        gate_agreement=float(((m_hat.square() > alpha * s_hat) == (g_bar.square() > alpha * exact)).double().mean()),
+        pop_descent_proxy=float((m_hat.square() - alpha * s_hat).clamp_min(0).sum()),
+        pop_descent_exact=float((g_bar.square() - alpha * exact).clamp_min(0).sum()),
+        n_coords=int(s_hat.numel()),
+    )

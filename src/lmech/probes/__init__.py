@@ -1,0 +1,81 @@
+"""Instruments: each measures a training state and returns named scalars or arrays.
+
+One concept per module, each with plain functions and a probe class for :class:`lmech.Monitor`
+(the protocol is in :mod:`~lmech.probes.base`):
+
+* :mod:`~lmech.probes.sharpness` — top Hessian eigenvalues (plain and Adam-preconditioned),
+  Hessian trace, spectral density;
+* :mod:`~lmech.probes.ntk` — empirical NTK (two algorithms and a cost model), spectrum, drift,
+  kernel-target alignment;
+* :mod:`~lmech.probes.gradnoise` — gradient SNR, leave-one-out noise, gradient noise scale;
+* :mod:`~lmech.probes.weights` — singular values, stable rank, power-law exponent, change from
+  initialization;
+* :mod:`~lmech.probes.representations` — CKA, SVCCA, mutual k-NN with permutation nulls.
+
+The functions ``sharpness`` and ``ntk`` are re-exported here under their modules' names, so
+``lmech.probes.ntk`` is the function; reach a module itself with
+``from lmech.probes.ntk import ...`` or ``importlib.import_module("lmech.probes.ntk")``.
+"""
+
+from lmech.probes.base import Probe, TrainState, differentiable_kernels, layer_groups
+from lmech.probes.gradnoise import GradNoise, GradNoiseProbe, GroupNoise, grad_noise
+from lmech.probes.ntk import (
+    KernelDrift,
+    NTKCost,
+    NTKProbe,
+    kernel_alignment,
+    kernel_drift,
+    kernel_spectrum,
+    kernel_target_alignment,
+    ntk,
+    ntk_cost,
+    per_example_jacobian,
+)
+from lmech.probes.representations import (
+    RepresentationProbe,
+    SimilarityResult,
+    layer_features,
+    linear_cka,
+    mutual_knn,
+    similarity,
+    svcca,
+)
+from lmech.probes.sharpness import (
+    HessianOperator,
+    HessianTraceProbe,
+    SharpnessProbe,
+    SharpnessResult,
+    SpectralDensityProbe,
+    adam_preconditioner,
+    hessian_spectral_density,
+    hessian_trace,
+    sharpness,
+    sharpness_per_layer,
+)
+from lmech.probes.weights import (
+    LayerSpectrum,
+    PowerLawFit,
+    WeightSpectrumProbe,
+    power_law_fit,
+    spectral_norm,
+    weight_spectra,
+)
+
+__all__ = [
+    # base
+    "Probe", "TrainState", "differentiable_kernels", "layer_groups",
+    # sharpness
+    "HessianOperator", "SharpnessResult", "adam_preconditioner", "sharpness", "sharpness_per_layer",
+    "hessian_trace", "hessian_spectral_density", "SharpnessProbe", "HessianTraceProbe",
+    "SpectralDensityProbe",
+    # ntk
+    "ntk", "ntk_cost", "NTKCost", "per_example_jacobian", "kernel_spectrum", "kernel_alignment",
+    "KernelDrift", "kernel_drift", "kernel_target_alignment", "NTKProbe",
+    # gradient noise
+    "grad_noise", "GradNoise", "GroupNoise", "GradNoiseProbe",
+    # weights
+    "power_law_fit", "PowerLawFit", "weight_spectra", "spectral_norm", "LayerSpectrum", "WeightSpectrumProbe",
+    # representations
+    "linear_cka", "svcca", "mutual_knn", "similarity", "SimilarityResult", "layer_features",
+    "RepresentationProbe",
+]

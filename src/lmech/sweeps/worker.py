@@ -1,0 +1,117 @@
+"""What runs inside a sweep worker (a local process or a Ray task): one run, one thread.
+
+The local executor's forkserver calls :func:`warm_up` once (it imports
+``lmech.sweeps._forkserver_preload``) before forking any run, to import what every run would
+otherwise import on its own: torch, ``torch._dynamo`` (torch.optim's constructors import it
+lazily: about 2 s) and matplotlib with the Agg backend, its fonts and mathtext loaded by drawing
+one figure (about 2 s); the sweep's experiment module is preloaded too. Measured on the 2-core dev
+machine: a 40-step grokking run took 4.7 s from a fresh interpreter, almost all of it these
+one-time costs, and about 1.5 s forked from the warmed-up server. Importing this module has no
+side effects (the driver imports it too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import time
+
+import torch
+
+from lmech import experiments
+from lmech.runs import RunStore, config_hash
+from lmech.sweeps.plan import RunSpec
+
+
+def warm_up() -> None:
+    """Import the modules runs need, once, in the process that workers are forked from."""
+    import importlib
+
+    os.environ.setdefault("MPLBACKEND", "Agg")  # workers write figures to files, never to a screen
+    for module in ("torch._dynamo", "matplotlib.pyplot"):
+        try:
+            importlib.import_module(module)
+        except ImportError:  # only a warm-up
+            pass
+    try:  # fonts and the mathtext parser load on first use (about 1 s): once here, not once per run
+        import io
+
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(2, 2))
+        ax.semilogy([1, 10], [1, 100], label="$x$")
+        ax.legend()
+        fig.savefig(io.BytesIO(), format="png", bbox_inches="tight")
+        plt.close(fig)
+    except Exception:  # noqa: BLE001 - only a warm-up
+        pass
+
+
+
+def execute(spec: RunSpec) -> dict:
+    """Run ``spec`` into its store with one torch thread; never raises for a run's own error.
+
+    Returns the outcome ``{run_id, state, message, result, wall_s, pid, host}``. A run that raises
+    is recorded ``failed`` by the run store (with ``"ExceptionType: message"``), a DivergedError
+    ``diverged``; the outcome repeats what the store recorded.
+    """
+    torch.set_num_threads(1)
+    experiments._CATALOG.setdefault(spec.experiment, spec.module)
+    start = time.perf_counter()
+    mismatch = _config_mismatch(spec)
+    if mismatch:
+        return {"run_id": spec.run_id, "state": "failed", "message": mismatch, "result": {}, "wall_s": 0.0,
+                "pid": os.getpid(), "host": socket.gethostname()}
+    try:
+        summary = experiments.run_experiment(spec.experiment, spec.overrides, seed=spec.seed, out=spec.out,
+                                             quick=spec.quick, sweep=spec.sweep, run_id=spec.run_id)
+        state, message, result = summary["state"], summary["message"], summary["result"]
+    except Exception as err:  # recorded in the run folder as failed (if the folder was made)
+        state, message, result = "failed", f"{type(err).__name__}: {err}", {}
+        store = RunStore(spec.out)
+        if (store.root / spec.run_id / "config.json").exists():
+            status = store.status(spec.run_id)
+            state, message = status["state"], status.get("message") or message
+            result = store.result(spec.run_id)
+    return {"run_id": spec.run_id, "state": state, "message": message, "result": result,
+            "wall_s": time.perf_counter() - start, "pid": os.getpid(), "host": socket.gethostname()}
+
+
+def _config_mismatch(spec: RunSpec) -> str | None:
+    """The worker must build the very config the driver hashed (e.g. a Ray node with another lmech)."""
+    try:
+        cfg = experiments.get(spec.experiment).make_config(spec.overrides, quick=spec.quick)
+    except Exception as err:  # noqa: BLE001 - reported as the run's failure
+        return f"the worker cannot build this run's config: {type(err).__name__}: {err}"
+    if config_hash(spec.experiment, dataclasses.asdict(cfg), spec.seed) != spec.config_hash:
+        return ("the worker built a different config from the driver's (is the same lmech version installed "
+                "on every node?); run not started")
+    return None
+
+
+def lost(spec: RunSpec, reason: str) -> dict:
+    """The outcome of a run whose worker died before reporting: marked failed in the store.
+
+    A run that had already reached a final state before its process died keeps that state.
+    """
+    store = RunStore(spec.out)
+    state, message, result = "failed", reason, {}
+    if (store.root / spec.run_id / "config.json").exists():
+        status = store.mark_failed(spec.run_id, reason)
+        state, message, result = status["state"], status.get("message", ""), store.result(spec.run_id)
+    return {"run_id": spec.run_id, "state": state, "message": message, "result": result,
+            "wall_s": float("nan"), "pid": None, "host": socket.gethostname()}
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """``-9`` -> ``'killed by SIGKILL'``; ``3`` -> ``'exit code 3'``."""
+    if exitcode is None:
+        return "no exit code"
+    if exitcode < 0:
+        try:
+            return f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"killed by signal {-exitcode}"
+    return f"exit code {exitcode}"

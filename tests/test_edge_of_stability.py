@@ -4,7 +4,12 @@ import pytest
 
 from lmech.experiments import get, run_experiment
 from lmech.experiments.base import ConfigError
-from lmech.experiments.edge_of_stability import EdgeOfStabilityConfig, arms, check, parse_lrs
+from lmech.experiments.edge_of_stability import (
+    EdgeOfStabilityConfig,
+    arms,
+    check,
+    parse_lrs,
+)
 from lmech.runs import load
 
 TINY = {"n_train": 60, "width": 16, "steps": 40, "eval_every": 10, "gd_lrs": "0.1,0.2", "momentum_lr": 0.05,

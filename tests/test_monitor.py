@@ -37,7 +37,7 @@ def data():
 
 
 def train(steps, monitor_factory=None):
-    """SGD-with-momentum then Adam; dropout, global-RNG shuffling, numpy and python draws."""
+    """Adam with dropout, a frozen BatchNorm, global-RNG shuffling, numpy and python draws."""
     model = make_model()
     model.train()
     model[1].eval()

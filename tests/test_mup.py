@@ -111,7 +111,7 @@ def test_readout_multiplier_form_trains_identically_to_table3(optimizer, tol):
     (Adam with a negligible eps: eps is the one term that is not invariant to the gradient scale)."""
     x = torch.randn(32, 12, dtype=torch.float64)
     y = torch.randn(32, 3, dtype=torch.float64)
-    factory = lambda w: mlp(w).double()  # noqa: E731
+    factory = lambda w: mlp(w).double()
     outs = []
     for form in (False, True):
         torch.manual_seed(3)

@@ -6,6 +6,7 @@ import base64
 import json
 import re
 
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -25,6 +26,12 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def shared():
     return shared_store()
+
+
+@pytest.fixture(autouse=True)
+def close_figures():
+    yield
+    plt.close("all")
 
 
 # -- curves ----------------------------------------------------------------------------------------
@@ -113,6 +120,7 @@ def test_targets_resolve_to_runs_sweeps_and_folders(shared):
     ("grokking-nosuch", "no run, sweep or verify folder 'grokking-nosuch'"),
     ("grokking-", "is ambiguous"),
     ("../secret", "no run, sweep or verify folder '../secret'"),
+    ("*", "no run, sweep or verify folder '*'"),
     ("{root}", "is a folder but neither a run folder"),
     ("{root}/sweeps", "is a folder but neither a run folder"),
 ])

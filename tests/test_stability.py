@@ -80,7 +80,7 @@ def test_adam_threshold_matches_torch_adam_with_frozen_preconditioner():
     curvature below 50 << eps = 1e6 until a coordinate has grown by 1e3; 300 idle steps first
     remove the bias-correction transient (the threshold is the late-training one)."""
     lr, eps, beta1 = 1e-3, 1e6, 0.9
-    adam = lambda p: torch.optim.Adam(p, lr=lr, betas=(beta1, 0.999), eps=eps)  # noqa: E731
+    adam = lambda p: torch.optim.Adam(p, lr=lr, betas=(beta1, 0.999), eps=eps)
     measured = _torch_threshold(adam, guess=38.0 / lr * eps, theta0=1e-12, idle=300) / eps  # curvature of P^-1 H
     assert measured == pytest.approx(adam_threshold(lr, beta1), rel=5e-3)
     assert adam_threshold(1.0, 0.9) == pytest.approx(38.0)

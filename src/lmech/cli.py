@@ -244,6 +244,43 @@ def report(
     console.print(f"report: {path}", highlight=False)
 
 
+@app.command("verify")
+def verify(
+    names: Optional[List[str]] = typer.Argument(None, help="catalog entries to verify (default: every entry with checks)"),
+    quick: bool = typer.Option(False, "--quick", help="each entry's small, real configuration"),
+    out: Path = typer.Option(Path("verify"), "--out", help="output folder: runs/, verify.json, report.html"),
+    seed: int = typer.Option(0, "--seed", help="random seed of every run"),
+    threads: int = typer.Option(1, "--threads", help="torch and BLAS threads per run"),
+) -> None:
+    """Run the catalog's theory-vs-measurement checks; one table, an HTML report, exit 1 if any fails."""
+    from lmech.experiments.base import ConfigError
+    from lmech.verify import checks_table, resolve_names
+    from lmech.verify import verify as run_verify
+
+    if threads < 1:
+        _fail("--threads must be at least 1")
+    try:
+        todo = resolve_names(names)
+    except ConfigError as err:
+        _fail(str(err))
+
+    def progress(name: str, state: str, rows, seconds: float) -> None:
+        bad = sum(not r.passed for r in rows)
+        mark = "[green]ok[/]" if state == "done" and not bad else f"[red]{bad} failing[/]"
+        console.print(f"{name}: {state}, {len(rows)} checks, {mark} ({seconds:.1f} s)", highlight=False)
+
+    console.print(f"verifying {len(todo)} entries{' (quick)' if quick else ''}: {', '.join(todo)}", highlight=False)
+    try:
+        result = run_verify(todo, quick=quick, out=out, seed=seed, threads=threads, on_entry=progress)
+    except ConfigError as err:
+        _fail(str(err))
+    console.print(checks_table(result.rows, title=f"lmech verify{' --quick' if quick else ''}"))
+    console.print(f"{len(result.rows) - len(result.failed)}/{len(result.rows)} checks pass; "
+                  f"summary {result.json_path}; report {result.html_path}", highlight=False)
+    if not result.passed:
+        raise typer.Exit(1)
+
+
 @app.command("lab")
 def lab(
     out: Path = typer.Option(Path("runs"), "--out", help="run store folder to show and to run into"),

@@ -77,8 +77,9 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal
+from typing import Literal
 
 import torch
 from torch import Tensor, nn

@@ -102,14 +102,25 @@ def sign_error(out: Tensor, y: Tensor) -> float:
     return float((torch.sign(out) != y).float().mean())
 
 
-def gd_step_size(recorder: PathRecorder, c: float) -> float:
-    r"""The learning rate :math:`\eta = c\,n/\lambda_{\max}(K)` of the kernel at the last measurement
+def gd_step_size(kernel: Tensor, c: float) -> float:
+    r"""The learning rate :math:`\eta = c\,n/\lambda_{\max}(K)` for the ``n x n`` kernel ``K``
     (:math:`\eta\lambda_{\max}/n = c`: the top output mode of gradient descent decays by :math:`1-c`
     per step; stable below 2)."""
-    lam = float(torch.linalg.eigvalsh(recorder.kernel())[-1])
+    lam = float(torch.linalg.eigvalsh(kernel.double())[-1])
     if not lam > 0:
         raise ValueError("the kernel at the current weights is zero; the model cannot move its outputs")
-    return c * recorder.n / lam
+    return c * kernel.shape[0] / lam
+
+
+def initial_kernel(model: nn.Module, x: Tensor) -> Tensor:
+    """The plain NTK :math:`JJ^\top` of ``model`` on ``x`` now (eval mode, float64)."""
+    from lmech.probes.ntk import ntk
+
+    was = model.training
+    model.eval()
+    K = ntk(model, x).double()
+    model.train(was)
+    return K
 
 
 def build_optimizer(name: str, params, lr: float, weight_decay: float = 0.0, batch_size: int | None = None,
@@ -165,14 +176,13 @@ def record_training(model: nn.Module, x: Tensor, y: Tensor, x_query: Tensor, y_q
         raise ValueError(f"steps ({steps}) and readout_every ({readout_every}) must be multiples of every ({every})")
     model.train()
     adaptive_opt = optimizer in ("adam", "adamw", "poprisk")
-    rec = PathRecorder(model, x, y, x_query, y_query, y_clean=y_clean, window=window)
-    rec.start()
     if lr is None:
         if adaptive_opt:
             raise ValueError(f"optimizer={optimizer} needs an explicit lr")
-        lr = gd_step_size(rec, step_size)
+        lr = gd_step_size(initial_kernel(model, x), step_size)
     opt = build_optimizer(optimizer, model.parameters(), lr, weight_decay, None if full_batch else batch_size, n)
-    rec.optimizer = opt
+    rec = PathRecorder(model, x, y, x_query, y_query, y_clean=y_clean, window=window, optimizer=opt)
+    rec.start()
     gen = torch.Generator().manual_seed(seed)
     perm, cursor = torch.randperm(n, generator=gen), 0
     readouts, rows = [], []
@@ -198,7 +208,7 @@ def record_training(model: nn.Module, x: Tensor, y: Tensor, x_query: Tensor, y_q
             if run is not None and step % readout_every:
                 run.log(step, **{k: v for k, v in scalars.items() if math.isfinite(v)})
             if adaptive and not adaptive_opt:
-                lr = gd_step_size(rec, step_size)
+                lr = gd_step_size(rec.kernel(), step_size)
                 for group in opt.param_groups:
                     group["lr"] = lr
         if step % readout_every == 0:

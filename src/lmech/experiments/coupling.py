@@ -37,7 +37,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from lmech.experiments._signal import pearson, record_training
+from lmech.experiments._signal import initial_kernel, pearson, record_training
 from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.models import MLP
 from lmech.probes.gramian import frozen_gramian_eigenvalues
@@ -104,7 +104,7 @@ def _rich(cfg, run, seed, x, y, xq, yq, fig) -> dict:
     torch.manual_seed(seed)
     model = MLP(cfg.d_in, 1, width=cfg.width, depth=cfg.depth, activation=cfg.activation,
                 init_scale=cfg.init_scale).double()
-    align0 = kernel_target_alignment(_plain_kernel(model, x), y.reshape(-1))
+    align0 = kernel_target_alignment(initial_kernel(model, x), y.reshape(-1))
 
     def on_readout(step, rec, r, row):
         row["target_alignment"] = kernel_target_alignment(rec.K_last, y.reshape(-1))
@@ -142,16 +142,6 @@ def _rich(cfg, run, seed, x, y, xq, yq, fig) -> dict:
         "rich_min_coupling_corr": min(r["coupling_corr"] for r in rows),
         "rich_corr_coupling_vs_drift": pearson([r["coupling_corr"] for r in rows], [r["drift_op"] for r in rows]),
     }
-
-
-def _plain_kernel(model, x):
-    from lmech.probes.ntk import ntk
-
-    was = model.training
-    model.eval()
-    K = ntk(model, x).double()
-    model.train(was)
-    return K
 
 
 def _lazy(cfg, run, seed, x, y, xq, yq, fig) -> dict:

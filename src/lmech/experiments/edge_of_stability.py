@@ -55,7 +55,12 @@ from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.models import MLP
 from lmech.probes.sharpness import sharpness
 from lmech.tasks import digits, mnist1d
-from lmech.theory.stability import adam_threshold, edge_ratio, gd_threshold, heavy_ball_threshold
+from lmech.theory.stability import (
+    adam_threshold,
+    edge_ratio,
+    gd_threshold,
+    heavy_ball_threshold,
+)
 
 GD_TOLERANCE = 0.10      # issue 6: "within 10% over the last half"
 ADAM_TOLERANCE = 0.15    # issue 6: "within 15%"

@@ -190,8 +190,8 @@ def train_and_measure(cfg: LazyRichConfig, data, width: int, parameterization: s
     return out
 
 
-QUANTITIES = ("weight_change/layers.0.weight", "feature_change", "kernel_change", "kernel_distance")
-W0 = "weight_change/layers.0.weight"
+FIRST_LAYER = "weight_change/layers.0.weight"
+QUANTITIES = (FIRST_LAYER, "feature_change", "kernel_change", "kernel_distance")
 
 
 def run(cfg: LazyRichConfig, run, seed: int) -> dict:
@@ -229,22 +229,22 @@ def check(result: dict) -> list[CheckRow]:
     """Log-log slopes against width (fitted over widths >= fit_min_width) and against alpha."""
     ntk, mup = "NTK param: slope vs width of", "muP: slope vs width of"
     return [
-        CheckRow.relative(f"{ntk} first-layer weight change", NTK_SLOPE, result[f"ntk.slope.{W0}"], NTK_TOL),
+        CheckRow.relative(f"{ntk} first-layer weight change", NTK_SLOPE, result[f"ntk.slope.{FIRST_LAYER}"], NTK_TOL),
         CheckRow.relative(f"{ntk} feature change", NTK_SLOPE, result["ntk.slope.feature_change"], NTK_TOL),
         CheckRow.relative(f"{ntk} kernel change", KERNEL_SLOPE, result["ntk.slope.kernel_change"], KERNEL_TOL),
         CheckRow.relative(f"{ntk} kernel distance", DISTANCE_SLOPE, result["ntk.slope.kernel_distance"], KERNEL_TOL),
-        CheckRow.at_least(f"{mup} first-layer weight change", MUP_FLOOR, result[f"mup.slope.{W0}"]),
+        CheckRow.at_least(f"{mup} first-layer weight change", MUP_FLOOR, result[f"mup.slope.{FIRST_LAYER}"]),
         CheckRow.at_least(f"{mup} feature change", MUP_FLOOR, result["mup.slope.feature_change"]),
         CheckRow.at_least(f"{mup} kernel change", MUP_FLOOR, result["mup.slope.kernel_change"]),
         CheckRow.relative("NTK param: slope vs alpha of first-layer weight change", ALPHA_SLOPE,
-                          result[f"alpha.slope.{W0}"], ALPHA_TOL),
+                          result[f"alpha.slope.{FIRST_LAYER}"], ALPHA_TOL),
     ]
 
 
 def figure(widths, alphas, sweeps: dict, cfg: LazyRichConfig):
     from lmech.report.figures import plt
 
-    labels = {"weight_change/layers.0.weight": r"$\|\Delta W_1\|_2/\|W_1\|_2$",
+    labels = {FIRST_LAYER: r"$\|\Delta W_1\|_2/\|W_1\|_2$",
               "feature_change": r"$\|\Delta h\|/\|h\|$", "kernel_change": r"$\|\Delta\Theta\|_F/\|\Theta\|_F$",
               "kernel_distance": "kernel distance"}
     fig, axes = plt.subplots(1, 3, figsize=(14, 4))
@@ -262,7 +262,7 @@ def figure(widths, alphas, sweeps: dict, cfg: LazyRichConfig):
     for q in QUANTITIES:
         ax.plot(alphas, [r[q] for r in sweeps["alpha"]], marker="o", ms=3, label=labels[q])
     ref = np.asarray(alphas, float)
-    ax.plot(ref, sweeps["alpha"][0]["weight_change/layers.0.weight"] * ref[0] / ref, "k:", lw=1, label=r"$\alpha^{-1}$")
+    ax.plot(ref, sweeps["alpha"][0][FIRST_LAYER] * ref[0] / ref, "k:", lw=1, label=r"$\alpha^{-1}$")
     ax.set(xscale="log", yscale="log", xlabel="output multiplier alpha", title=f"NTK param, width {cfg.alpha_width}")
     ax.legend(fontsize=7)
     for a in axes:

@@ -24,12 +24,13 @@ relative to a base width of 64).
 
 The muP arm uses TP-V's recommended zero initialization of the readout (and of the attention
 query in the transformer), ``mup_zero_init``; SP keeps the models' standard initialization.
-Measured (docs/results/verify-dynamics.md): without the zero initializations and at
-``coord_transformer_lr = 0.01`` the transformer's muP coordinate check was *not* flat (slope
-0.34 per doubling for the MLP block's output projection, 0.22 for the readout; SP: 2.6); with
-them at 0.01 its largest slope was 0.08-0.17 depending on the step, and at 0.003 0.09. With muP
-the refined optimum drifts up by about 0.1-0.25 grid steps per width doubling between widths
-64 and 1024 (a finite-width effect; the grid argmin did not move).
+Measured (docs/results/verify-dynamics.md): without the zero initializations and at learning
+rate 0.01 the transformer's muP coordinate check was *not* flat (largest slope 0.34 per
+doubling, the MLP block's output projection; 0.22 for the readout; SP: 2.6); with them, at 0.01
+a two-seed probe gave largest slopes of 0.08-0.17 depending on the step, and the default
+(0.003, three seeds) 0.075. Under muP the refined optimum drifts up by about 0.1-0.2 grid steps
+per width doubling (0.51 steps from width 64 to 1024; the grid argmin did not move), a
+finite-width effect.
 
 Checks:
 
@@ -264,40 +265,43 @@ def check(result: dict) -> list[CheckRow]:
 
 
 def figure(coord: dict, transfer: dict, log2_lrs: list[int], t_widths: list[int], step: int, result: dict):
+    """Top row: coordinate checks (SP and muP side by side, same y scale); bottom: LR transfer."""
     from lmech.report.figures import plt
 
     models = sorted({m for m, _ in coord}, key=lambda m: m != "mlp")
-    ncol = 2 * len(models) + 2
-    fig, axes = plt.subplots(1, ncol, figsize=(3.9 * ncol, 3.7))
-    col = 0
-    for model in models:
-        axes[col + 1].sharey(axes[col])  # same scale for SP and muP: flat must look flat
-        for par in ("sp", "mup"):
-            ax = axes[col]
-            col += 1
-            df = coord[(model, par)]
-            g = df[df["step"] == step].groupby(["module", "width"])["l1"].mean().reset_index()
-            for module, gg in g.groupby("module"):
-                ax.plot(gg["width"], gg["l1"], marker="o", ms=3, label=module)
-            ax.set(xscale="log", yscale="log", xlabel="width", ylabel=f"mean |h| after {step} steps",
-                   title=f"coord check, {model}, {par.upper() if par == 'sp' else 'muP'}")
-            ax.legend(fontsize=6)
+    ncol = 2 * len(models)
+    fig = plt.figure(figsize=(4.2 * ncol, 7.6))
+    grid = fig.add_gridspec(2, ncol)
+    label = {"sp": "SP", "mup": "muP"}
+    for j, (model, par) in enumerate((m, p) for m in models for p in ("sp", "mup")):
+        ax = fig.add_subplot(grid[0, j], sharey=fig.axes[-1] if par == "mup" else None)
+        df = coord[(model, par)]
+        g = df[df["step"] == step].groupby(["module", "width"])["l1"].mean().reset_index()
+        for module, gg in g.groupby("module"):
+            ax.plot(gg["width"], gg["l1"], marker="o", ms=3, label=module)
+        widths = sorted(g["width"].unique())
+        ax.set(xscale="log", yscale="log", xlabel="width", ylabel=f"mean |h| after {step} steps",
+               title=f"coordinate check, {model}, {label[par]}")
+        ax.set_xticks(widths, [str(w) for w in widths], minor=False)
+        ax.minorticks_off()
+        ax.legend(fontsize=6)
     cmap = plt.get_cmap("viridis")
-    for par in ("sp", "mup"):
-        ax = axes[col]
-        col += 1
+    half = ncol // 2
+    for j, par in enumerate(("sp", "mup")):
+        ax = fig.add_subplot(grid[1, j * half:(j + 1) * half])
         for i, w in enumerate(t_widths):
             losses = np.asarray(transfer[(par, w)], dtype=float)
             c = cmap(i / max(len(t_widths) - 1, 1))
             ax.plot(log2_lrs, losses, marker="o", ms=3, color=c, label=f"width {w}")
             ax.axvline(result[f"transfer.{par}.vertex_log2_lr"][str(w)], color=c, ls=":", lw=1)
         ax.set(xlabel="log2 learning rate", ylabel="final train loss", yscale="log",
-               title=f"LR transfer, {par.upper() if par == 'sp' else 'muP'} (shift {result[f'transfer.{par}.shift']:.2f})")
+               title=f"LR transfer, {label[par]}: grid optimum moves {result[f'transfer.{par}.shift']:g} steps "
+                     f"(vertex, dotted: {result[f'transfer.{par}.vertex_shift']:.2f})")
         finite = [v for losses in transfer.values() for v in losses if math.isfinite(v)]
         if finite:
             ax.set_ylim(min(finite) * 0.8, min(max(finite), 3.0) * 1.1)
-        ax.legend(fontsize=6)
-    for a in axes:
+        ax.legend(fontsize=7)
+    for a in fig.axes:
         a.grid(alpha=0.3)
     fig.tight_layout()
     return fig

@@ -10,7 +10,9 @@ One concept per module, each with plain functions and a probe class for :class:`
 * :mod:`~lmech.probes.gradnoise` — gradient SNR, leave-one-out noise, gradient noise scale;
 * :mod:`~lmech.probes.weights` — singular values, stable rank, power-law exponent, change from
   initialization;
-* :mod:`~lmech.probes.representations` — CKA, SVCCA, mutual k-NN with permutation nulls.
+* :mod:`~lmech.probes.representations` — CKA, SVCCA, mutual k-NN with permutation nulls;
+* :mod:`~lmech.probes.gramian` — the path-integrated NTK operators (propagator, dissipation
+  Gramian, train-test coupling): signal channel and reservoir along a real run.
 
 The functions ``sharpness`` and ``ntk`` are re-exported here under their modules' names, so
 ``lmech.probes.ntk`` is the function; reach a module itself with
@@ -19,6 +21,7 @@ The functions ``sharpness`` and ``ntk`` are re-exported here under their modules
 
 from lmech.probes.base import Probe, TrainState, differentiable_kernels, layer_groups
 from lmech.probes.gradnoise import GradNoise, GradNoiseProbe, GroupNoise, grad_noise
+from lmech.probes.gramian import GramianProbe, GramianReadout, PathRecorder
 from lmech.probes.ntk import (
     KernelDrift,
     NTKCost,
@@ -78,4 +81,6 @@ __all__ = [
     # representations
     "linear_cka", "svcca", "mutual_knn", "similarity", "SimilarityResult", "layer_features",
     "RepresentationProbe",
+    # signal channel / reservoir
+    "PathRecorder", "GramianReadout", "GramianProbe",
 ]

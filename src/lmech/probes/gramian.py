@@ -89,6 +89,12 @@ Decisions (the notes leave these open; each is tested in ``tests/test_gramian.py
   kernel :math:`K_k` (so it stays positive semi-definite and :math:`E[E_k] = I` makes the
   dissipation identity hold in expectation over the batch order, not per run). The data outside
   :math:`S` must not drive training: the theory is closed on :math:`S` only.
+* **Cross-entropy** (approximate where the theory is). :math:`B_k` is the softmax Hessian at the
+  interval start, so the propagator is exact to first order per step (``steps=k`` sub-steps keep
+  :math:`B` frozen too). The coupling theorem (Thm 5.1) is stated for the squared loss only:
+  :math:`A = G_QD^+` is still computed, but its exactness is not a claim of the theory; the
+  frozen cutoff uses the mean nonzero eigenvalue of :math:`B` (below), and confident directions
+  never saturate, so the cut is a heuristic there.
 * **Cutoff of the signal channel** (``cutoff="frozen"``, the default): an eigenvector of
   :math:`W_S` with eigenvalue :math:`\omega` is in the channel iff
   :math:`\omega \ge \frac{1-e^{-2}}{2\bar b}`, with :math:`\bar b = 1/n` for ``"mse"``: the
@@ -519,12 +525,12 @@ class _Interval:
         return self.B * v if isinstance(self.B, float) else self.B @ v
 
     def pull(self, V: Tensor) -> Tensor:
-        """:math:`J_S^\top E V` (parameter space, float64)."""
+        r""":math:`J_S^\top E V` (parameter space, float64)."""
         V = V if self.E is None else (V * self.E if V.dim() == 1 else V * self.E[:, None])
         return (self.J[:self.N].T @ V.to(self.J.dtype)).double()
 
     def image(self, V: Tensor) -> tuple[Tensor, Tensor]:
-        """:math:`([J_S; J_Q]\,\Pi V)` split into the S and Q rows (float64)."""
+        r""":math:`([J_S; J_Q]\,\Pi V)` split into the S and Q rows (float64)."""
         V = V.to(self.J.dtype)
         if self._pi is not None:
             V = V * (self._pi if V.dim() == 1 else self._pi[:, None])
@@ -1242,21 +1248,27 @@ class GramianProbe:
     frozen-kernel interval integration of the module docstring) and returns the recorder's
     per-step scalars; every ``readout_every`` measurements it adds the readout scalars
     (``readout/...``). The first measurement starts the window. The recorder's own sets ``S`` and
-    ``Q`` are used, not the Monitor's probe batch. Schedule it every step for the exact discrete
-    recursion; every ``k`` steps freezes the kernel over ``k`` steps (error :math:`O(k\eta)`).
+    ``Q`` are used, not the Monitor's probe batch; the recorder reads the Monitor's optimizer if
+    it was built without one (``lr`` fixes the learning rate for plain gradient descent). Schedule
+    it every step for the exact discrete recursion; every ``k`` steps freezes the kernel over ``k``
+    steps (error :math:`O(k\eta)`).
     """
 
     name = "gramian"
     cost: Cost = "high"
 
-    def __init__(self, recorder: PathRecorder, readout_every: int = 10, **readout_kwargs):
-        self.recorder, self.readout_every, self.readout_kwargs = recorder, readout_every, readout_kwargs
+    def __init__(self, recorder: PathRecorder, readout_every: int = 10, lr: float | None = None, **readout_kwargs):
+        if readout_every < 1:
+            raise ValueError(f"readout_every must be >= 1, got {readout_every}")
+        self.recorder, self.readout_every, self.lr, self.readout_kwargs = recorder, readout_every, lr, readout_kwargs
         self._last_step: int | None = None
         self._count = 0
 
     def measure(self, state: TrainState) -> dict[str, float | Tensor]:
         rec = self.recorder
         if self._last_step is None:
+            if rec.optimizer is None and state.optimizer is not None:
+                rec.optimizer = state.optimizer
             rec.start()
             self._last_step = state.step
             return {}
@@ -1264,15 +1276,15 @@ class GramianProbe:
         if steps < 1:
             return {}
         self._last_step = state.step
-        opt = state.optimizer if state.optimizer is not None else rec.optimizer
-        if opt is None and "lr" not in self.readout_kwargs:
-            raise ValueError("GramianProbe needs the optimizer (monitor.step(step, optimizer=...)) to read the lr")
-        lr = float(opt.param_groups[0]["lr"]) if opt is not None else self.readout_kwargs["lr"]
+        opt = rec.optimizer if rec.optimizer is not None else state.optimizer
+        if self.lr is None and opt is None:
+            raise ValueError("GramianProbe needs the optimizer (monitor.step(step, optimizer=...)) or lr= to know "
+                             "the learning rate")
+        lr = self.lr if self.lr is not None else float(opt.param_groups[0]["lr"])
         out: dict[str, float | Tensor] = dict(rec.step(lr, steps=steps))
         self._count += 1
         if self._count % self.readout_every == 0:
-            kw = {k: v for k, v in self.readout_kwargs.items() if k != "lr"}
-            r = rec.readout(**kw)
+            r = rec.readout(**self.readout_kwargs)
             out.update(r.scalars("readout/"))
             out["spectrum"] = torch.from_numpy(r.eigenvalues.copy())
         return out

@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -194,7 +195,6 @@ def render_sweep(store: RunStore, name: str) -> Rendered:
     return Rendered("sweep", name, _page(f"lmech report: sweep {name}", subtitle, sections), figures)
 
 
-
 # -- a verify output folder ----------------------------------------------------------------------------
 VERIFY_SUMMARY_NAMES = ("verify.json", "checks.json")
 
@@ -215,7 +215,10 @@ def read_verify(folder: Path) -> tuple[list[dict], dict[str, str], RunStore]:
     summary's ``store`` (relative to the folder) or the folder's ``runs`` subfolder.
     """
     path = verify_summary_path(folder)
-    data = json.loads(path.read_text())
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ConfigError(f"{path} is not a readable verify summary ({err}); run `lmech verify` again") from None
     rows = data if isinstance(data, list) else (data.get("checks") or data.get("rows") or [])
     entry_of = lambda r: r.get("entry") or r.get("experiment") or r.get("name") or ""  # noqa: E731
     runs = dict(data.get("runs") or {}) if isinstance(data, dict) else {}
@@ -235,7 +238,7 @@ def render_verify(folder: Path) -> Rendered:
     figures: list[Figure] = []
     for entry, run_id in runs.items():
         try:
-            _, run_secs, run_figs = run_sections(store, run_id, prefix=f"{entry}-")
+            _, run_secs, run_figs = run_sections(store, run_id, prefix=re.sub(r"[^A-Za-z0-9._-]", "_", entry) + "-")
         except KeyError:
             sections.append(Section(entry, [("text", f"run {run_id} is not in {store.root}")]))
             continue
@@ -275,7 +278,7 @@ def resolve_target(target: str | Path, store: str | Path = "runs") -> tuple[str,
     name = str(target)
     if name and "/" not in name and (store_obj.root / "sweeps" / f"{name}.json").is_file():
         return "sweep", store_obj, name
-    if name and "/" not in name and not name.startswith("."):
+    if name and not name.startswith(".") and not any(c in name for c in "/*?["):  # an id or a unique id prefix
         try:
             return "run", store_obj, store_obj.resolve(name).name
         except KeyError as err:

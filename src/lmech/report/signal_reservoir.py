@@ -242,9 +242,8 @@ def grokking_channel_figure(rows: list[dict], windows: list[dict], marks: dict):
     ax.plot(steps, _col(rows, "test_acc"), color="tab:red", label="held-out accuracy")
     ax.plot(steps, _col(rows, "signal_channel_fraction"), color="tab:purple", ls="--",
             label="signal in window channel (fraction of ||y||^2)")
-    ax.plot(steps, _col(rows, "signal_transfer"), color="tab:green", ls="--", label="signal transfer cos(-G y, y_Q)")
-    ax.plot(steps, _col(rows, "target_alignment"), color="tab:orange", ls=":", label="kernel-target alignment")
-    for (label, step), color in zip(marks.items(), ("tab:blue", "tab:green", "tab:red")):
+    ax.plot(steps, _col(rows, "signal_transfer"), color="tab:green", ls="--", label="signal transfer cos(G_Q y, y_Q)")
+    for (label, step), color in zip(marks.items(), ("tab:blue", "tab:purple", "tab:green", "tab:red")):
         if step is not None:
             ax.axvline(step, color=color, lw=1, ls=":")
             ax.text(step, 0.02, f" {label}", rotation=90, fontsize=7, color=color, va="bottom")

@@ -180,5 +180,5 @@ def edge_ratio(sharpness, threshold: float, last_fraction: float = 0.5) -> float
         raise ValueError(f"last_fraction must be in (0, 1], got {last_fraction}")
     if not (np.isfinite(threshold) and threshold > 0):
         raise ValueError(f"threshold must be a positive number, got {threshold}")
-    tail = s[s.size - max(1, int(round(last_fraction * s.size))):]
+    tail = s[s.size - max(1, round(last_fraction * s.size)):]
     return float(np.mean(tail) / threshold)

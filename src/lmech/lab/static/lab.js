@@ -200,8 +200,10 @@ async function followRun(id) {
   const poll = async () => {
     if (token !== lab.token) return;
     try {
-      const [run, metrics] = await Promise.all([getJSON(`/api/runs/${encodeURIComponent(id)}`),
-                                               getJSON(`/api/runs/${encodeURIComponent(id)}/metrics`)]);
+      // status first, then metrics: a run reads "done" only after its last metrics are written, so the
+      // metrics fetched after a final status are complete (fetched together, they could predate it)
+      const run = await getJSON(`/api/runs/${encodeURIComponent(id)}`);
+      const metrics = await getJSON(`/api/runs/${encodeURIComponent(id)}/metrics`);
       if (token !== lab.token) return;
       showError("detail-error", "");
       badge(document.getElementById("run-state"), run.state);
@@ -222,6 +224,7 @@ async function followRun(id) {
       else refreshLists();
     } catch (err) {
       showError("detail-error", err.message);
+      if (LIVE.has(last)) lab.timer = setTimeout(poll, 3 * lab.info.poll_ms);  // a live run: try again
     }
   };
   await poll();

@@ -1,0 +1,204 @@
+"""``lmech verify``: run the catalog's theory-vs-measurement checks and report them in one table.
+
+``verify(names=None, quick=False, out="verify")`` runs every catalog entry that has a ``check()``
+(or the named ones) into the run store ``out/runs``, collects every :class:`CheckRow`, and writes
+
+* ``out/verify.json``: ``{"checks": [row + entry + run_id], "runs": {entry: run id}, "store": "runs",
+  "passed", "quick", "seed", "wall_time_s": {entry: seconds}, "created"}`` — the format
+  :func:`lmech.report.build.read_verify` reads;
+* ``out/report.html`` (and ``out/figures/``): the self-contained HTML report of that folder made by
+  :func:`lmech.report.build.render_verify` (every check row with PASS/FAIL, then each entry's
+  figures, embedded as base64 PNG; no network, no script), i.e. what ``lmech report out`` makes.
+
+An entry whose run fails or diverges contributes one failing row ("run finished", predicted
+``done``, measured the state and message), so a broken experiment can never pass silently. Each
+entry runs with ``threads`` torch intra-op threads and the same number of BLAS threads.
+
+Example (the CI configuration):
+    >>> result = verify(["deep-linear"], quick=True, out=tmp)          # doctest: +SKIP
+    >>> result.passed, len(result.rows)                                 # doctest: +SKIP
+    (True, 13)
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from lmech.experiments.base import CheckRow, ConfigError
+
+
+@dataclass
+class VerifyRow:
+    """A check row with the entry it belongs to and the run that produced it."""
+
+    entry: str
+    run_id: str | None
+    row: CheckRow
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.row.passed)
+
+    def as_dict(self) -> dict:
+        return {"entry": self.entry, "run_id": self.run_id, **self.row.as_dict()}
+
+
+@dataclass
+class VerifyResult:
+    """Everything ``verify`` produced; ``passed`` is True iff every row passed."""
+
+    rows: list[VerifyRow]
+    runs: dict[str, str]
+    wall_time_s: dict[str, float]
+    out: Path
+    json_path: Path
+    html_path: Path | None
+    quick: bool
+    seed: int
+    errors: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.rows) and all(r.passed for r in self.rows)
+
+    @property
+    def failed(self) -> list[VerifyRow]:
+        return [r for r in self.rows if not r.passed]
+
+    def markdown(self) -> str:
+        """The check table as GitHub markdown (for results pages)."""
+        lines = ["| entry | quantity | predicted | measured | rel. err | tolerance | pass |",
+                 "| --- | --- | --- | --- | --- | --- | --- |"]
+        for r in self.rows:
+            c = r.row
+            rel = "" if c.rel_err is None else f"{c.rel_err:.3g}"
+            lines.append(f"| {r.entry} | {c.quantity} | {_fmt(c.predicted)} | {_fmt(c.measured)} | {rel} | "
+                         f"{_fmt(c.tolerance)} | {'PASS' if c.passed else '**FAIL**'} |")
+        return "\n".join(lines)
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def default_names() -> list[str]:
+    """Catalog entries that have a ``check()``, in catalog order."""
+    from lmech import experiments
+
+    return [n for n in experiments.names() if experiments.get(n).check is not None]
+
+
+def resolve_names(names: list[str] | None) -> list[str]:
+    """Validate the requested entries (unknown name or no check -> ConfigError), or the default list."""
+    from lmech import experiments
+
+    if not names:
+        return default_names()
+    out = []
+    for name in names:
+        exp = experiments.get(name)  # ConfigError for an unknown name
+        if exp.check is None:
+            raise ConfigError(f"experiment {name!r} has no check() to verify; entries with checks: "
+                              f"{', '.join(default_names())}")
+        if name not in out:
+            out.append(name)
+    return out
+
+
+def verify(names: list[str] | None = None, quick: bool = False, out: str | Path = "verify", seed: int = 0,
+           threads: int = 1, html: bool = True,
+           on_entry: Callable[[str, str, list[CheckRow], float], None] | None = None) -> VerifyResult:
+    """Run the checks of ``names`` (default: every entry with a ``check()``); see the module docstring.
+
+    ``on_entry(name, state, rows, seconds)`` is called after each entry (the CLI prints progress).
+    Bad names raise :class:`ConfigError` before anything runs or is written.
+    """
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    from lmech.experiments import run_experiment
+
+    todo = resolve_names(names)
+    for name in todo:  # validate every config before running anything
+        from lmech import experiments
+
+        experiments.get(name).make_config(None, quick=quick)
+    out = Path(out)
+    store = out / "runs"
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    rows: list[VerifyRow] = []
+    runs: dict[str, str] = {}
+    times: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    try:
+        with threadpool_limits(limits=threads):
+            for name in todo:
+                start = time.perf_counter()
+                started: dict = {}
+                try:
+                    summary = run_experiment(name, None, seed=seed, out=store, quick=quick,
+                                             on_start=lambda run, cfg: started.setdefault("id", run.id))
+                    state, message, checks = summary["state"], summary["message"], list(summary["checks"])
+                    runs[name] = summary["id"]
+                except Exception as err:  # the run folder (if any) records it as failed
+                    state, message, checks = "failed", f"{type(err).__name__}: {err}", []
+                    if "id" in started:
+                        runs[name] = started["id"]
+                    errors[name] = message
+                if state != "done" or not checks:
+                    checks.append(CheckRow("run finished with checks", "done", f"{state} {message}".strip(), "exact",
+                                           False))
+                times[name] = round(time.perf_counter() - start, 2)
+                rows += [VerifyRow(name, runs.get(name), c) for c in checks]
+                if on_entry is not None:
+                    on_entry(name, state, checks, times[name])
+    finally:
+        torch.set_num_threads(previous)
+    result = VerifyResult(rows, runs, times, out, out / "verify.json", None, quick, seed, errors)
+    _write_json(result)
+    if html:
+        from lmech.report.build import render_verify, write_report
+
+        result.html_path = write_report(render_verify(out), out)
+    return result
+
+
+def _write_json(result: VerifyResult) -> None:
+    from lmech.runs.store import atomic_write_json
+
+    result.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(result.json_path, {
+        "checks": [r.as_dict() for r in result.rows],
+        "runs": result.runs,
+        "store": "runs",
+        "passed": result.passed,
+        "n_checks": len(result.rows),
+        "n_failed": len(result.failed),
+        "quick": result.quick,
+        "seed": result.seed,
+        "wall_time_s": result.wall_time_s,
+        "errors": result.errors,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    })
+
+
+def checks_table(rows: list[VerifyRow], title: str = "lmech verify"):
+    """A rich Table of every row, with the entry column and PASS/FAIL."""
+    from rich.table import Table
+
+    table = Table("entry", "quantity", "predicted", "measured", "rel. err", "tolerance", "pass", title=title)
+    for r in rows:
+        c = r.row
+        table.add_row(r.entry, c.quantity, _fmt(c.predicted), _fmt(c.measured),
+                      "" if c.rel_err is None else f"{c.rel_err:.3g}", _fmt(c.tolerance),
+                      "[green]PASS[/]" if c.passed else "[bold red]FAIL[/]")
+    return table
+
+
+__all__ = ["VerifyResult", "VerifyRow", "checks_table", "default_names", "resolve_names", "verify"]

@@ -39,15 +39,15 @@ def test_panels_group_by_meaning_then_by_prefix():
     df = pd.DataFrame({"step": [1, 10, 100, 1000], "train_acc": [0.1, 0.5, 0.9, 1.0], "test_acc": 0.5,
                        "train_loss": [10.0, 1.0, 0.1, 0.01], "poprisk": 1.0, "noise_channel": 0.3,
                        "signal_reservoir": 0.2, "noise_reservoir_fraction": 0.4, "noise_channel_soft": 0.1,
-                       "lin_error": 0.01, "weight_norm": 3.0, "weight_rank": 2.0, "lr": 1e-3})
+                       "lin_error": 0.01, "weight_norm": 3.0, "weight_rank": 2.0, "lr": 1e-3, "SA/energy": 1.0})
     panels = metric_panels(df)
     assert [(p.title, p.series, p.main) for p in panels] == [
         ("accuracy", ("train_acc", "test_acc"), True), ("loss", ("train_loss", "poprisk"), True),
         ("signal channel / reservoir", ("noise_channel", "signal_reservoir"), True),
-        ("reservoir fraction", ("noise_reservoir_fraction",), True),
+        ("reservoir fraction", ("noise_reservoir_fraction",), True), ("energy", ("SA/energy",), True),
         ("lin", ("lin_error",), False), ("lr", ("lr",), False), ("noise", ("noise_channel_soft",), False),
         ("weight", ("weight_norm", "weight_rank"), False)]
-    assert [p.logy for p in panels] == [False, True, False, False, False, False, False, False]  # loss: 3 decades
+    assert [p.logy for p in panels] == [False, True, False, False, False, False, False, False, False]  # loss: 3 decades
     assert log_steps(df["step"]) and not log_steps([0, 10, 50])
 
 

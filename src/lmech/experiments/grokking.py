@@ -162,5 +162,6 @@ EXPERIMENT = Experiment(
     config=GrokkingConfig,
     run=run,
     check=check,
-    quick={"model": "mlp", "op": "+", "train_fraction": 0.5, "steps": 3000},
+    # the README main job: groks (held-out 95%) at about step 10,500, ~40 s on 2 cores
+    quick={"model": "mlp", "op": "+", "train_fraction": 0.4, "steps": 20_000},
 )

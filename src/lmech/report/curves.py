@@ -13,8 +13,9 @@ Panel rules (:func:`metric_panels`). The *main* panels, in this order:
    held-out loss it predicts);
 3. **signal channel / reservoir**: the four cells ``signal_channel``, ``signal_reservoir``,
    ``noise_channel``, ``noise_reservoir`` (energies of the clean and the label-noise part of the
-   residual in each subspace; :mod:`lmech.experiments.label_noise`) and names containing ``energy``;
-4. **reservoir fraction**: ``*_reservoir_fraction`` and ``*_channel_fraction``.
+   residual in each subspace; :mod:`lmech.experiments.label_noise`);
+4. **reservoir fraction**: ``*_reservoir_fraction`` and ``*_channel_fraction``;
+5. **energy**: any other name containing ``energy`` (e.g. the attention-particle energies).
 
 Then every other scalar, grouped by its first ``_``-separated word (``weight_norm`` -> ``weight``),
 in alphabetical order (``Panel.main`` is False for these).
@@ -47,9 +48,9 @@ import pandas as pd  # noqa: E402
 SPLITS = "train|test|val|valid|validation|heldout|held_out|query|eval"
 _ACCURACY = re.compile(rf"(({SPLITS})_)?(acc|accuracy)")
 _ERROR = re.compile(rf"(({SPLITS})_)?error")
-_CELL = re.compile(r"(signal|noise)_(channel|reservoir)|.*energy.*")
+_CELL = re.compile(r"(signal|noise)_(channel|reservoir)")
 _FRACTION = re.compile(r".+_(channel|reservoir)_fraction")
-MAIN_PANELS = ("accuracy", "error", "loss", "signal channel / reservoir", "reservoir fraction")
+MAIN_PANELS = ("accuracy", "error", "loss", "signal channel / reservoir", "reservoir fraction", "energy")
 LOG_X_DECADES = 3.0
 LOG_Y_DECADES = 2.0
 
@@ -79,6 +80,8 @@ def _main_panel(name: str) -> str | None:
         return "signal channel / reservoir"
     if _FRACTION.fullmatch(name):
         return "reservoir fraction"
+    if "energy" in name:
+        return "energy"
     return None
 
 

@@ -42,7 +42,7 @@ def test_tiny_run_logs_every_arm_and_checks_each(tmp_path):
 
 def test_check_uses_the_last_half_and_fails_a_diverged_arm():
     result = {"arms": ["gd_0.1"], "last_fraction": 0.5, "gd_0.1.threshold": 20.0, "gd_0.1.edge_ratio": 1.05,
-              "gd_0.1.low_ratio": 0.6, "gd_0.1.tolerance": 0.1, "gd_0.1.describe": "2/eta", "gd_0.1.diverged_at": None}
+              "gd_0.1.low_ratio": 0.6, "gd_0.1.tolerance": 0.1, "gd_0.1.formula": "2/eta", "gd_0.1.diverged_at": None}
     rows = check(result)
     assert rows[0].passed and rows[0].measured == pytest.approx(21.0) and rows[1].passed
     assert not check({**result, "gd_0.1.edge_ratio": 1.2})[0].passed

@@ -10,8 +10,8 @@ from lmech.experiments.base import ConfigError
 from lmech.experiments.lazy_rich import Centered, slope
 from lmech.runs import load
 
-TINY = {"widths": "8,16,32", "fit_min_width": 8, "alphas": "1,2,4", "alpha_width": 16, "base_width": 8, "train_steps": 20, "n_train": 32,
-        "n_probe": 8}
+TINY = {"widths": "8,16,32", "fit_min_width": 8, "alphas": "1,2,4", "alpha_width": 16, "base_width": 8,
+        "train_steps": 20, "n_train": 32, "n_probe": 8}
 
 
 def test_centered_model_starts_at_zero_and_scales_with_alpha():
@@ -34,7 +34,8 @@ def test_tiny_run_logs_both_sweeps(tmp_path):
     summary = run_experiment("lazy-rich", TINY, seed=0, out=tmp_path)
     assert summary["state"] == "done", summary["message"]
     df = load(summary["id"], root=tmp_path, wide=True)
-    assert {"width/ntk/feature_change", "width/mup/kernel_distance", "alpha/weight_change/layers.0.weight"} <= set(df.columns)
+    expected = {"width/ntk/feature_change", "width/mup/kernel_distance", "alpha/weight_change/layers.0.weight"}
+    assert expected <= set(df.columns)
     r = summary["result"]
     assert r["widths"] == [8, 16, 32] and r["alphas"] == [1.0, 2.0, 4.0]
     assert all(math.isfinite(r[f"{p}.slope.feature_change"]) for p in ("ntk", "mup"))

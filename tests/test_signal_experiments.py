@@ -62,10 +62,12 @@ def test_double_descent_small(store_root):
 
 
 def test_grokking_channel_small(store_root):
-    s = run_experiment("grokking-channel", quick=True, out=store_root, sets=["steps=300", "window=100"])
+    sets = ["steps=200", "window=50", "n_train=100", "n_query=50", "width=32"]
+    s = run_experiment("grokking-channel", quick=True, out=store_root, sets=sets)
     assert s["state"] == "done", s["message"]
     r = s["result"]
-    assert len(r["signal_transfer"]) == 3 and all(-1 <= v <= 1 for v in r["signal_transfer"] if v is not None)
+    assert len(r["signal_transfer"]) == 4 and all(-1 <= v <= 1 for v in r["signal_transfer"][1:])
+    assert all(0 <= v <= 1 for v in r["signal_channel_fraction"][1:])
 
 
 def test_bad_configs_are_refused():

@@ -235,8 +235,9 @@ def parameterize(
     architecture at the base width) and return its :class:`Parameterized` (learning rates).
 
     A dimension grows with width if its size differs among ``model``, ``base`` and ``delta``
-    (same architecture at a third width; needed only when ``model`` has the base shapes). Draws use ``generator`` (or the
-    global RNG), in ``named_parameters`` order. See the module docstring for the table.
+    (same architecture at a third width; needed only when ``model`` has the base shapes). Draws
+    use ``generator`` (or the global RNG), in ``named_parameters`` order. See the module
+    docstring for the table.
     """
     if parameterization not in PARAMETERIZATIONS:
         raise ValueError(f"unknown parameterization {parameterization!r}; known: {', '.join(PARAMETERIZATIONS)}")
@@ -347,12 +348,12 @@ def coord_check(
     For each width and seed: build ``factory(width)`` under the parameterization
     (:func:`from_factory`, seeded), then for ``t = 0..steps`` run the forward pass on the fixed
     ``batch``, record for every module that owns parameters (and the network output as module
-    ``"output"`` when no such module produced it) ``l1`` = mean :math:`|h_t|` and ``delta_l1`` = mean :math:`|h_t - h_0|` of its
-    output, and take one optimizer step on ``loss_fn(model(x), y)``.
+    ``"output"`` when no such module produced it) ``l1`` = mean :math:`|h_t|` and ``delta_l1`` =
+    mean :math:`|h_t - h_0|` of its output, and take one optimizer step on ``loss_fn(model(x), y)``.
 
     Returns a ``pandas.DataFrame`` with columns ``width, seed, step, module, l1, delta_l1``
     (``step`` = number of updates taken before the measurement). Under muP the columns are flat
-    in width at every step; under SP they grow (TP-V Fig. 5).
+    in width at every step; under SP they grow (TP-V section 4, "coordinate check").
     """
     import pandas as pd
 
@@ -376,7 +377,8 @@ def coord_check(
                         outs["output"] = out.detach()  # the output is not some module's output
                     for name, h in outs.items():
                         first.setdefault(name, h)
-                        rows.append((width, seed, t, name, float(h.abs().mean()), float((h - first[name]).abs().mean())))
+                        rows.append((width, seed, t, name, float(h.abs().mean()),
+                                     float((h - first[name]).abs().mean())))
                     if t == steps:
                         break
                     opt.zero_grad(set_to_none=True)

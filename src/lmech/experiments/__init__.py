@@ -29,6 +29,7 @@ _CATALOG: dict[str, str] = {
     "deep-linear": "lmech.experiments.deep_linear",
     "saddle-to-saddle": "lmech.experiments.saddle_to_saddle",
     "kernel-curves": "lmech.experiments.kernel_curves",
+    "scaling-law": "lmech.experiments.scaling_law",
     "attention-particles": "lmech.experiments.attention_particles",
     "quanta": "lmech.experiments.quanta",
 }

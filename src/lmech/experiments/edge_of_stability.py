@@ -101,7 +101,8 @@ class EdgeOfStabilityConfig:
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
         require(0 < self.last_fraction <= 1, f"last_fraction must be in (0, 1], got {self.last_fraction}")
         require(self.lanczos_tol > 0, "lanczos_tol must be positive")
-        require(bool(lrs) or self.momentum_lr > 0 or self.adam_lr > 0, "no arm to run: give gd_lrs, momentum_lr or adam_lr")
+        require(bool(lrs) or self.momentum_lr > 0 or self.adam_lr > 0,
+                "no arm to run: give gd_lrs, momentum_lr or adam_lr")
 
 
 def parse_lrs(text: str) -> list[float]:
@@ -119,19 +120,21 @@ class Arm:
     lr: float
     threshold: float
     tolerance: float
-    describe: str
+    formula: str     # the threshold's formula, e.g. "2/eta"
+    describe: str    # the formula with the arm's hyperparameters
 
 
 def arms(cfg: EdgeOfStabilityConfig) -> list[Arm]:
-    out = [Arm(f"gd_{lr:g}", "gd", lr, gd_threshold(lr), GD_TOLERANCE, f"2/eta, eta={lr:g}")
+    out = [Arm(f"gd_{lr:g}", "gd", lr, gd_threshold(lr), GD_TOLERANCE, "2/eta", f"2/eta, eta={lr:g}")
            for lr in parse_lrs(cfg.gd_lrs)]
     if cfg.momentum_lr > 0:
         out.append(Arm(f"heavy_ball_{cfg.momentum_lr:g}", "heavy_ball", cfg.momentum_lr,
-                       heavy_ball_threshold(cfg.momentum_lr, cfg.momentum), GD_TOLERANCE,
+                       heavy_ball_threshold(cfg.momentum_lr, cfg.momentum), GD_TOLERANCE, "(2+2b)/eta",
                        f"(2+2b)/eta, eta={cfg.momentum_lr:g}, b={cfg.momentum:g}"))
     if cfg.adam_lr > 0:
         out.append(Arm(f"adam_{cfg.adam_lr:g}", "adam", cfg.adam_lr, adam_threshold(cfg.adam_lr, cfg.beta1),
-                       ADAM_TOLERANCE, f"(2+2b1)/((1-b1) eta), eta={cfg.adam_lr:g}, b1={cfg.beta1:g}"))
+                       ADAM_TOLERANCE, "(2+2b1)/((1-b1) eta)",
+                       f"(2+2b1)/((1-b1) eta), eta={cfg.adam_lr:g}, b1={cfg.beta1:g}"))
     return out
 
 
@@ -205,7 +208,7 @@ def run(cfg: EdgeOfStabilityConfig, run, seed: int) -> dict:
         result["arms"].append(arm.name)
         result.update({f"{arm.name}.{k}": v for k, v in res.items()})
         result[f"{arm.name}.tolerance"] = arm.tolerance
-        result[f"{arm.name}.describe"] = arm.describe
+        result[f"{arm.name}.formula"] = arm.formula
     result["last_fraction"] = cfg.last_fraction
     run.save_figure(figure(run.metrics(wide=True), arms(cfg)), "edge-of-stability")
     return result
@@ -220,9 +223,9 @@ def check(result: dict) -> list[CheckRow]:
         thr = result[f"{name}.threshold"]
         ratio = result.get(f"{name}.edge_ratio")
         measured = float("nan") if ratio is None or result.get(f"{name}.diverged_at") is not None else ratio * thr
-        rows.append(CheckRow.relative(f"{name}: mean sharpness, last {pct} vs {result[f'{name}.describe']}",
+        rows.append(CheckRow.relative(f"{name}: mean sharpness, last {pct}, vs {result[f'{name}.formula']}",
                                       thr, measured, result[f"{name}.tolerance"]))
-        rows.append(CheckRow.at_most(f"{name}: lowest sharpness in the first half / threshold", SHARPENING_BOUND,
+        rows.append(CheckRow.at_most(f"{name}: min first-half sharpness / threshold", SHARPENING_BOUND,
                                      result.get(f"{name}.low_ratio")))
     return rows
 

@@ -113,7 +113,8 @@ class LazyRichConfig:
         alphas = parse_list(self.alphas, float)
         require(len(alphas) >= 3 and min(alphas) > 0, f"alphas needs at least 3 positive values, got {self.alphas!r}")
         require(self.depth >= 1, f"depth must be >= 1, got {self.depth}")
-        require(self.n_train >= 2 and self.d_in >= 1 and self.teacher_width >= 1, "n_train, d_in, teacher_width must be positive")
+        require(self.n_train >= 2 and self.d_in >= 1 and self.teacher_width >= 1,
+                "n_train, d_in and teacher_width must be positive")
         require(self.train_steps >= 1 and self.lr > 0 and self.alpha > 0, "train_steps, lr and alpha must be positive")
         require(self.base_width >= 2 and self.alpha_width >= 2, "base_width and alpha_width must be >= 2")
         require(2 <= self.n_probe <= self.n_train, f"n_probe must be in [2, n_train], got {self.n_probe}")
@@ -227,16 +228,16 @@ def run(cfg: LazyRichConfig, run, seed: int) -> dict:
 
 def check(result: dict) -> list[CheckRow]:
     """Log-log slopes against width (fitted over widths >= fit_min_width) and against alpha."""
-    ntk, mup = "NTK param: slope vs width of", "muP: slope vs width of"
+    ntk, mup = "NTK param, slope vs width:", "muP, slope vs width:"
     return [
-        CheckRow.relative(f"{ntk} first-layer weight change", NTK_SLOPE, result[f"ntk.slope.{FIRST_LAYER}"], NTK_TOL),
-        CheckRow.relative(f"{ntk} feature change", NTK_SLOPE, result["ntk.slope.feature_change"], NTK_TOL),
-        CheckRow.relative(f"{ntk} kernel change", KERNEL_SLOPE, result["ntk.slope.kernel_change"], KERNEL_TOL),
+        CheckRow.relative(f"{ntk} first-layer weights", NTK_SLOPE, result[f"ntk.slope.{FIRST_LAYER}"], NTK_TOL),
+        CheckRow.relative(f"{ntk} features", NTK_SLOPE, result["ntk.slope.feature_change"], NTK_TOL),
+        CheckRow.relative(f"{ntk} kernel", KERNEL_SLOPE, result["ntk.slope.kernel_change"], KERNEL_TOL),
         CheckRow.relative(f"{ntk} kernel distance", DISTANCE_SLOPE, result["ntk.slope.kernel_distance"], KERNEL_TOL),
-        CheckRow.at_least(f"{mup} first-layer weight change", MUP_FLOOR, result[f"mup.slope.{FIRST_LAYER}"]),
-        CheckRow.at_least(f"{mup} feature change", MUP_FLOOR, result["mup.slope.feature_change"]),
-        CheckRow.at_least(f"{mup} kernel change", MUP_FLOOR, result["mup.slope.kernel_change"]),
-        CheckRow.relative("NTK param: slope vs alpha of first-layer weight change", ALPHA_SLOPE,
+        CheckRow.at_least(f"{mup} first-layer weights", MUP_FLOOR, result[f"mup.slope.{FIRST_LAYER}"]),
+        CheckRow.at_least(f"{mup} features", MUP_FLOOR, result["mup.slope.feature_change"]),
+        CheckRow.at_least(f"{mup} kernel", MUP_FLOOR, result["mup.slope.kernel_change"]),
+        CheckRow.relative("NTK param, slope vs alpha: first-layer weights", ALPHA_SLOPE,
                           result[f"alpha.slope.{FIRST_LAYER}"], ALPHA_TOL),
     ]
 

@@ -12,10 +12,10 @@ relative to a base width of 64).
    :math:`\Theta(\eta\, n)`, so the slope tends to 1). With ``coord_transformer=True`` the same
    check runs on the :class:`lmech.models.Transformer` (d_model = width, 4 heads, one block) on
    modular-addition tokens, widths up to 512, at ``coord_transformer_lr`` (0.003).
-2. **Learning-rate transfer** (TP-V Fig. 1/3; section 4.4 of the notes). The same MLP at widths
-   ``transfer_widths`` (64..1024), Adam for ``transfer_steps`` steps of batch
-   ``transfer_batch`` on ``n_train`` MNIST-1D examples (same data order and seed everywhere;
-   ``transfer_seeds`` seeds averaged), on the grid :math:`\eta = 2^k`,
+2. **Learning-rate transfer** (TP-V; Fig. 5 of the learning-mechanics paper; notes section
+   4.4). The same MLP at widths ``transfer_widths`` (64..1024), Adam for ``transfer_steps``
+   steps of batch ``transfer_batch`` on ``n_train`` MNIST-1D examples (same data order and seed
+   everywhere; ``transfer_seeds`` seeds averaged), on the grid :math:`\eta = 2^k`,
    ``k = lr_min_log2 .. lr_max_log2``; the metric is the final training loss (cross-entropy,
    full training set; a diverged run counts as the worst loss on the grid). The optimum of each
    width is the grid point with the lowest loss (the issue's "grid steps"); the vertex of a
@@ -93,7 +93,8 @@ class MupConfig:
             require(len(widths) >= 2 and all(w >= 4 for w in widths),
                     f"{key} needs at least two widths >= 4, got {getattr(self, key)!r}")
         require(self.coord_steps >= 1 and self.coord_seeds >= 1, "coord_steps and coord_seeds must be >= 1")
-        require(self.coord_lr > 0 and self.coord_transformer_lr > 0, "coord_lr and coord_transformer_lr must be positive")
+        require(self.coord_lr > 0 and self.coord_transformer_lr > 0,
+                "coord_lr and coord_transformer_lr must be positive")
         require(self.coord_batch >= 1 and self.transfer_batch >= 1, "batch sizes must be positive")
         require(self.transfer_steps >= 1 and self.transfer_seeds >= 1, "transfer_steps and transfer_seeds must be >= 1")
         require(self.lr_max_log2 - self.lr_min_log2 >= 2, "the learning-rate grid needs at least 3 points")
@@ -251,15 +252,15 @@ def check(result: dict) -> list[CheckRow]:
     rows = []
     models = ["mlp"] + (["transformer"] if result.get("coord_transformer") else [])
     for model in models:
-        rows.append(CheckRow.at_most(f"coord check {model}, muP: max |l1 slope| per width doubling", MUP_FLAT,
+        rows.append(CheckRow.at_most(f"muP coordinate check ({model}): max |slope|", MUP_FLAT,
                                      result[f"coord.{model}.mup.max_abs_slope"]))
-        rows.append(CheckRow.at_least(f"coord check {model}, SP: max l1 slope per width doubling", SP_GROWTH,
+        rows.append(CheckRow.at_least(f"SP coordinate check ({model}): max slope", SP_GROWTH,
                                       result[f"coord.{model}.sp.max_slope"]))
-    rows.append(CheckRow.at_most("LR transfer, muP: optimal log2 lr shift (grid steps)", MUP_SHIFT,
+    rows.append(CheckRow.at_most("muP LR transfer: optimum shift (grid steps)", MUP_SHIFT,
                                  result["transfer.mup.shift"]))
-    rows.append(CheckRow.at_least("LR transfer, SP: optimal log2 lr shift (grid steps)", SP_SHIFT,
+    rows.append(CheckRow.at_least("SP LR transfer: optimum shift (grid steps)", SP_SHIFT,
                                   result["transfer.sp.shift"]))
-    rows.append(CheckRow.at_most("muP: best loss widest / narrowest (wider is better)", 1.0,
+    rows.append(CheckRow.at_most("muP: best loss widest / narrowest width", 1.0,
                                  result["transfer.mup.wide_over_narrow_loss"]))
     return rows
 

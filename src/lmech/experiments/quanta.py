@@ -12,9 +12,13 @@ cross-entropy (nats) is measured on the task's balanced test set at ``n_eval`` l
 
 The quanta story: each subtask is a quantum, learned abruptly once the model has seen enough of
 *its* examples; learning quantum :math:`i` after :math:`\tau` of its own samples means
-:math:`t_i \propto 1/p_i`, and the frequency-weighted mean loss
-:math:`L(S) = \sum_i p_i \ell_i(S)` is a sum of shifted steps, which is a power law
-:math:`S^{-\alpha/(\alpha+1)}` when infinitely many quanta remain.
+:math:`t_i = c/p_i`, and the frequency-weighted mean loss :math:`L(S) = \sum_i p_i \ell_i(S)` is a
+sum of shifted steps: :math:`L(S) \approx \ln 2\sum_{i:\,t_i > S} p_i`, a power law
+:math:`S^{-\alpha/(\alpha+1)}` when infinitely many quanta remain. With finitely many tasks the
+unlearned tail :math:`\sum_{i>n(S)}^{n_{tasks}} p_i` is truncated and the curve is steeper; the
+model's prediction for *this* task set is the exponent of :math:`\ln 2\sum_{i:\,c/p_i > S} p_i`
+fitted over the same steps as the measurement (``exponent_quanta_model``; :math:`c` is the median of
+:math:`t_i p_i` over the learned tasks, a pure time scale).
 
 Measured per task: the transition step :math:`t_i` (loss below :math:`\tfrac12\ln2`) and the
 transition width :math:`\ln(t_{i,10\%}/t_{i,90\%})` (from 90% to 10% of :math:`\ln 2`). Checks:
@@ -24,24 +28,26 @@ transition width :math:`\ln(t_{i,10\%}/t_{i,90\%})` (from 90% to 10% of :math:`\
 * **in frequency order**: Spearman correlation between :math:`p_i` rank and :math:`t_i` at least 0.8;
 * **time per quantum**: the slope :math:`\gamma` of :math:`\ln t_i` against :math:`\ln(1/p_i)` within
   30% of the quanta model's 1;
-* **smooth power law**: the mean loss from the first transition to the end is a straight line on
-  log-log axes, :math:`R^2 \ge 0.97`;
+* **smooth power law**: the mean loss from the first transition on (while some task is still
+  unlearned) is a straight line on log-log axes, :math:`R^2 \ge 0.97`;
 * **the average of the steps is the power law**: the fitted exponent of the mean loss is within
   10% of the exponent of the superposition :math:`\ln 2\sum_i p_i\,\mathbf 1[S < t_i]` of the
-  measured steps (unlearned tasks count :math:`\ln 2`) fitted over the same steps.
+  *measured* steps (unlearned tasks count :math:`\ln 2`), fitted over the same steps;
+* **the quanta model's exponent**: within 20% of ``exponent_quanta_model`` (:math:`t_i = c/p_i`).
 
-Tolerances and what did not reproduce (runs made while writing this; CPU, seed 0). The step
+Tolerances and measurements (runs made while writing this; CPU, seed 0). The measured-step
 superposition matched the mean-loss exponent within 1.4-9.7% in six configurations, hence 10%.
 :math:`\gamma` measured 0.94 (16 tasks, 16 bits, Zipf 1.5, 20k steps), 0.82 (64 tasks, 16 bits,
 Zipf 2.0, 30k steps), 0.84 (64 tasks, 12 bits, Zipf 1.5, 30k steps) and 0.79, 1.03, 0.81, 0.77 (32
 tasks, Zipf 1.5, 6k steps: 12 bits at lr 1e-3; 10 bits, 12 bits, and 12 bits with width 256 at
 lr 3e-3): the later, rarer tasks tend to need fewer of their own samples than the first ones
-(plausibly shared parity features), so the constant-:math:`\tau` assumption holds only to about 25%.
-The 30% tolerance on :math:`\gamma` is set from that measured spread, not from a paper number.
-Consequently the paper's exponent :math:`\alpha/(\alpha+1)` does **not** reproduce here: 0.63
-measured vs 0.50 predicted (Zipf 2.0) and 0.50-0.53 vs 0.33 (Zipf 1.5); the result reports
-``exponent_quanta_prediction`` and the :math:`\gamma`-corrected :math:`\alpha/(\gamma(\alpha+1))`
-next to the measured exponent, and no check depends on them.
+(plausibly shared parity features), so the constant-:math:`\tau` assumption holds only to about
+25%; the 30% tolerance is set from that measured spread, not from a paper number. The quanta
+model's finite-task exponent was 7%, 16% and 6% below the measured one in the first three runs
+(hence 20%, again an engineering margin from these measurements). The infinite-task exponent
+:math:`\alpha/(\alpha+1)` (``exponent_infinite_tasks``, drawn in the figure) is *not* the right
+comparison here: with 16-64 tasks and 7-17 of them learned, the truncated tail makes the measured
+exponent 0.50-0.63 against 0.33-0.50; no check uses it.
 
 ``quick``: 32 tasks on 12 bits, Zipf exponent 1.5, width 128, learning rate 3e-3, 6000 steps (about
 nine quanta learned).
@@ -67,6 +73,7 @@ SPEARMAN_MIN = 0.8
 GAMMA_TOLERANCE = 0.30
 R2_MIN = 0.97
 EXPONENT_TOLERANCE = 0.10
+MODEL_TOLERANCE = 0.20
 
 
 @dataclass
@@ -166,15 +173,20 @@ def analyze(steps: np.ndarray, losses: np.ndarray, probs: np.ndarray, alpha: flo
     out["spearman"] = float(spearmanr(np.arange(len(learned)), t_learned)[0])
     done = [w for w in widths if w is not None]
     out["median_width"] = float(np.median(done)) if done else None
-    fit = steps >= t_learned.min()
+    t_all = np.array([t if t is not None else np.inf for t in t_half])
+    superposition = np.array([LN2 * probs[s < t_all].sum() for s in steps])
+    # from the first transition on, while some quantum is still unlearned (a finite sum of steps ends)
+    fit = (steps >= t_learned.min()) & (superposition > 0)
     out["fit_range"] = [float(steps[fit][0]), float(steps[fit][-1])]
     slope, out["r2"] = loglog_slope(steps[fit], mean[fit])
     out["exponent_measured"] = -slope
-    t_all = np.array([t if t is not None else np.inf for t in t_half])
-    superposition = np.array([LN2 * probs[s < t_all].sum() for s in steps])
     out["exponent_superposition"] = -loglog_slope(steps[fit], superposition[fit])[0]
-    out["exponent_quanta_prediction"] = alpha / (alpha + 1)
-    out["exponent_gamma_corrected"] = alpha / (out["gamma"] * (alpha + 1))
+    # the quanta model proper: t_i = c / p_i (gamma = 1), c the median of t_i p_i over learned tasks
+    t_model = float(np.median(t_learned * probs[learned])) / probs
+    model = np.array([LN2 * probs[s < t_model].sum() for s in steps])
+    ok = fit & (model > 0)
+    out["exponent_quanta_model"] = -loglog_slope(steps[ok], model[ok])[0] if ok.sum() >= 3 else None
+    out["exponent_infinite_tasks"] = alpha / (alpha + 1)
     return out
 
 
@@ -188,6 +200,10 @@ def check(result: dict) -> list[CheckRow]:
         CheckRow.at_least("smooth: mean loss vs steps power-law fit R^2", R2_MIN, result["r2"]),
         CheckRow.relative("mean-loss exponent vs superposition of per-task steps", result["exponent_superposition"],
                           result["exponent_measured"], EXPONENT_TOLERANCE),
+        CheckRow("mean-loss exponent vs quanta model (t_i = c/p_i, finite tasks)", "n/a", result["exponent_measured"],
+                 MODEL_TOLERANCE, False) if result.get("exponent_quanta_model") is None else
+        CheckRow.relative("mean-loss exponent vs quanta model (t_i = c/p_i, finite tasks)",
+                          result["exponent_quanta_model"], result["exponent_measured"], MODEL_TOLERANCE),
     ]
 
 
@@ -215,8 +231,8 @@ def _save_figure(run, cfg: QuantaConfig, steps, losses, probs, result: dict) -> 
         k = np.argmin(np.abs(steps - lo))
         ax.loglog(s, mean[k] * (s / steps[k]) ** -result["exponent_measured"], "C1--",
                   label=f"power law, exponent {result['exponent_measured']:.2f} (R^2 {result['r2']:.3f})")
-        ax.loglog(s, mean[k] * (s / steps[k]) ** -result["exponent_quanta_prediction"], "C2:",
-                  label=f"quanta alpha/(alpha+1) = {result['exponent_quanta_prediction']:.2f}")
+        ax.loglog(s, mean[k] * (s / steps[k]) ** -result["exponent_infinite_tasks"], "C2:",
+                  label=f"alpha/(alpha+1) = {result['exponent_infinite_tasks']:.2f} (infinitely many tasks)")
     t_all = np.array([t if t is not None else np.inf for t in result["t_half"]])
     ax.loglog(steps, [LN2 * probs[s < t_all].sum() for s in steps], "C0", drawstyle="steps-post", lw=1,
               label=f"sum of steps, exponent {result.get('exponent_superposition', float('nan')):.2f}")

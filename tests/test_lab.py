@@ -163,7 +163,7 @@ def test_playground_form_comes_from_the_quick_config():
     fields = {f["key"]: f for f in form_fields("grokking")}
     assert list(fields) == ["op", "train_fraction", "optimizer", "batch_size", "lr", "weight_decay", "width", "steps"]
     assert fields["op"]["kind"] == "choice" and fields["op"]["choices"] == ["+", "-", "*", "/"]
-    assert fields["op"]["default"] == "+" and fields["steps"]["default"] == 3000  # the quick configuration
+    assert fields["op"]["default"] == "+" and fields["steps"]["default"] == 20_000  # the quick configuration
     assert fields["lr"]["kind"] == "float" and fields["steps"]["kind"] == "int"
     assert validate_form("grokking", {"steps": "25", "optimizer": "sgd", "lr": ""}, "3") == (
         {"steps": 25, "optimizer": "sgd", "lr": 1e-3}, 3)

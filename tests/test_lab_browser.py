@@ -144,7 +144,7 @@ def test_lab_page_lists_shows_curves_and_runs_the_playground(browser, lab_server
     page.wait_for_function("document.querySelector('#run-state').textContent === 'done'", timeout=240_000)
     page.wait_for_selector("#charts .chart[data-panel='error'] canvas")
     page.wait_for_selector("#charts .chart[data-panel='signal channel / reservoir'] canvas")
-    assert page.is_visible("#report-link")
+    page.wait_for_selector("#report-link", state="visible", timeout=60_000)
     assert (root / run_id / "metrics.parquet").exists()
     assert page.external == [] and page.errors == []
     page.close()

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from lmech import experiments
 from lmech.cli import app
 from lmech.experiments.base import CheckRow, ConfigError, Experiment
-from lmech.verify import default_names, resolve_names, verify
+from lmech.verify import VerifyResult, default_names, resolve_names, verify
 
 LAW_ENTRIES = ["deep-linear", "saddle-to-saddle", "kernel-curves", "scaling-law", "attention-particles", "quanta"]
 
@@ -61,9 +61,13 @@ def test_html_report_is_self_contained_with_one_figure_per_law(quick):
     assert len(pngs) >= len(LAW_ENTRIES)
 
 
-def test_markdown_table(quick):
+def test_markdown_table_and_reading_back(quick):
     md = quick.markdown()
     assert md.count("\n") == len(quick.rows) + 1 and "| deep-linear |" in md and "PASS" in md
+    again = VerifyResult.read(quick.out)
+    assert again.markdown() == md and again.passed and again.runs == quick.runs
+    with pytest.raises(ConfigError, match="no verify.json"):
+        VerifyResult.read(quick.out / "runs")
 
 
 # -- failures are loud ---------------------------------------------------------------------------

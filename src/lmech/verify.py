@@ -70,6 +70,22 @@ class VerifyResult:
     def failed(self) -> list[VerifyRow]:
         return [r for r in self.rows if not r.passed]
 
+    @classmethod
+    def read(cls, out: str | Path) -> "VerifyResult":
+        """The result of an earlier ``verify`` from its folder's ``verify.json``."""
+        out = Path(out)
+        path = out / "verify.json"
+        if not path.is_file():
+            raise ConfigError(f"{out} has no verify.json; run `lmech verify --out {out}` first")
+        data = json.loads(path.read_text())
+        fields = ("quantity", "predicted", "measured", "tolerance", "passed", "rel_err")
+        rows = [VerifyRow(r["entry"], r.get("run_id"), CheckRow(**{k: r.get(k) for k in fields}))
+                for r in data["checks"]]
+        html_path = out / "report.html"
+        return cls(rows, data.get("runs", {}), data.get("wall_time_s", {}), out, path,
+                   html_path if html_path.exists() else None, bool(data.get("quick")), int(data.get("seed", 0)),
+                   data.get("errors", {}))
+
     def markdown(self) -> str:
         """The check table as GitHub markdown (for results pages)."""
         lines = ["| entry | quantity | predicted | measured | rel. err | tolerance | pass |",
@@ -77,8 +93,9 @@ class VerifyResult:
         for r in self.rows:
             c = r.row
             rel = "" if c.rel_err is None else f"{c.rel_err:.3g}"
-            lines.append(f"| {r.entry} | {c.quantity} | {_fmt(c.predicted)} | {_fmt(c.measured)} | {rel} | "
-                         f"{_fmt(c.tolerance)} | {'PASS' if c.passed else '**FAIL**'} |")
+            cells = [r.entry, c.quantity, _fmt(c.predicted), _fmt(c.measured), rel, _fmt(c.tolerance),
+                     "PASS" if c.passed else "**FAIL**"]
+            lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
         return "\n".join(lines)
 
 

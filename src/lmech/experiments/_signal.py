@@ -156,8 +156,8 @@ def record_training(model: nn.Module, x: Tensor, y: Tensor, x_query: Tensor, y_q
                     keep_readouts: bool = True) -> RecordedRun:
     r"""Train ``model`` on ``(x, y)`` with :func:`half_mse` and a :class:`PathRecorder` attached.
 
-    ``optimizer``: ``gd`` (full batch), ``sgd`` (minibatches of ``batch_size``, recorded every step),
-    ``adam``, ``adamw`` or ``poprisk`` (full batch unless ``batch_size``). ``lr=None`` for gd/sgd uses
+    ``optimizer``: ``gd``/``sgd`` (plain SGD), ``adam``, ``adamw`` or ``poprisk``; full batch unless
+    ``0 < batch_size < n`` (minibatches must be recorded every step). ``lr=None`` for gd/sgd uses
     :func:`gd_step_size` with ``step_size`` at the initial weights (``adaptive``: recomputed at every
     record from the current kernel, i.e. normalized gradient descent). The recorder is advanced
     every ``every`` optimizer steps (``sgd``: every step) and read out every ``readout_every``
@@ -168,8 +168,6 @@ def record_training(model: nn.Module, x: Tensor, y: Tensor, x_query: Tensor, y_q
     """
     n = x.shape[0]
     full_batch = batch_size <= 0 or batch_size >= n
-    if optimizer == "sgd" and full_batch:
-        raise ValueError("optimizer=sgd needs 0 < batch_size < n_train (use gd for full batch)")
     if not full_batch and every != 1:
         raise ValueError("minibatch training must be recorded every step (every=1)")
     if steps % every or readout_every % every:

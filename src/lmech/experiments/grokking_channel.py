@@ -148,5 +148,5 @@ EXPERIMENT = Experiment(
     config=GrokkingChannelConfig,
     run=run,
     check=check,
-    quick={"d": 12, "n_train": 300, "steps": 1200, "window": 100},
+    quick={"d": 10, "n_train": 200, "width": 64, "steps": 1500, "window": 100},
 )

@@ -22,11 +22,14 @@ Tasks:
 * ``synthetic``: :math:`x` uniform on :math:`S^{d-1}` (``synthetic_dim``), target
   :math:`f(x) = \sin(2x_1) + x_2x_3`, label noise ``synthetic_noise``, kernel
   ``synthetic_kernel`` (Laplace :math:`e^{-\lVert x-x'\rVert/\ell}` by default, ``bandwidth``);
-* ``mnist1d``: ``mnist_pool`` MNIST-1D inputs (standardized; divided by :math:`\sqrt{40}` so that
+* ``mnist1d``: ``mnist_pool`` MNIST-1D inputs (standardized, divided by :math:`\sqrt{40}` so that
   :math:`\lVert x\rVert\approx1`), targets the centered one-hot labels (10 columns, errors summed),
-  no added noise, kernel ``mnist_kernel``: the infinite-width NTK of a two-layer ReLU network by
-  default (:func:`~lmech.theory.kernels.relu_ntk`); the Laplace and Gaussian kernels use the
-  median pairwise distance as bandwidth.
+  no added noise, kernel ``mnist_kernel``: Laplace with the median pairwise distance as bandwidth
+  by default (Gaussian likewise), or the infinite-width NTK of a two-layer ReLU network
+  (:func:`~lmech.theory.kernels.relu_ntk`). *Decision:* Laplace by default because its learning
+  curve is informative (test MSE 0.98 -> 0.69 over n = 8..256, theory within 1%); with the ReLU NTK
+  and ridge 1e-3 KRR barely beats the zero predictor here (test MSE 1.02-1.13, theory 3.5-4.6% low,
+  ``--set mnist_kernel=relu_ntk``).
 
 Check: relative error of the predicted test MSE within ``tolerance`` (10%, the issue's target)
 at every :math:`n \ge` ``n_min`` on both tasks (the theory is asymptotic; the notes expect
@@ -40,11 +43,12 @@ ReLU NTK the brute force read 11% above the theory at :math:`n = 24` (600 trials
 Gaussian inputs in :math:`\mathbb R^5` read 11-15% high at :math:`n = 64`-128; without label noise
 and ridge :math:`10^{-2}` the Laplace kernel on :math:`S^4` read 12% high at :math:`n = 256`. This is
 the known failure of the spectral-bias prediction on low-dimensional data (Tomasini, Sclocchi &
-Wyart, ICML 2022). The defaults (Laplace kernel with label noise on :math:`S^4`; NTK on MNIST-1D)
-agreed within 5% in every run made while writing this. ``--set synthetic_kernel=relu_ntk``
-reproduces the deviation.
+Wyart, ICML 2022). The defaults (Laplace kernels; label noise on :math:`S^4`) agreed within 8% in
+every run made while writing this (300-trial means: 3-8% high at n = 28-112 on :math:`S^4`), so
+``trials`` is 200: with 30 trials the standard error (5%) alone made the 10% check flaky.
+``--set synthetic_kernel=relu_ntk`` reproduces the deviation.
 
-``quick``: pools of 1,000, :math:`n \in \{16, \dots, 112\}`, 30 trials.
+``quick``: pools of 1,000, :math:`n \in \{16, 28, 56, 112\}`, 150 trials.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ class KernelCurvesConfig:
     bandwidth: float = 1.0
     synthetic_noise: float = 0.1
     mnist_pool: int = 2000
-    mnist_kernel: Kernel = "relu_ntk"
+    mnist_kernel: Kernel = "laplace"
 
     def validate(self) -> None:
         ns = parse_list(self.ns, int, "ns")

@@ -26,6 +26,12 @@ and the paper's validation-free claim, the correlation over training between ``p
 held-out noisy loss (>= 0.9). :func:`noise_table` runs the sweep over :math:`q` and builds the
 table and figure of docs/results/signal-reservoir.md (``python -m lmech.experiments.label_noise``).
 
+``optimizer``: ``gd`` is full-batch gradient descent, ``sgd`` the same on minibatches of
+``batch_size`` (required), ``adam`` and ``poprisk`` take ``lr`` (default 1e-3; full batch unless
+``batch_size``). ``every``: the
+recording interval of full-batch runs (the kernel is frozen in between); minibatch runs are
+recorded every step.
+
 Made to back the interactive label-noise playground: one run (any ``noise``, ``optimizer``,
 ``task``) takes seconds to a minute and logs its energies to the run store as it goes.
 """
@@ -74,10 +80,9 @@ class LabelNoiseConfig:
         require(self.lr >= 0, "lr must be >= 0 (0: automatic)")
         require(0 < self.step_size < 2, "step_size (eta lambda_max / n for gd/sgd) must be in (0, 2)")
         require(self.weight_decay >= 0, "weight_decay must be >= 0")
+        require(self.batch_size >= 0, "batch_size must be >= 0 (0: full batch)")
         require(self.optimizer != "sgd" or 0 < self.batch_size < self.n_train,
-                "optimizer=sgd needs 0 < batch_size < n_train")
-        minibatch = 0 < self.batch_size < self.n_train
-        require(not minibatch or self.every == 1, "minibatch training must be recorded every step (every=1)")
+                "optimizer=sgd needs 0 < batch_size < n_train (optimizer=gd is full batch)")
         require(self.every >= 1 and self.steps % self.every == 0 and self.readout_every % self.every == 0,
                 "every must be >= 1 and divide steps and readout_every")
         require(self.steps >= self.readout_every > 0, "need steps >= readout_every > 0")
@@ -107,8 +112,10 @@ def run(cfg: LabelNoiseConfig, run, seed: int) -> dict:
             row["heldout_noisy_loss"] = float(half_mse(model(data.x_test), data.y_test_noisy))
             model.train()
 
+    minibatch = 0 < cfg.batch_size < n
     rr = record_training(model, data.x, data.y, data.x_query, data.y_query_noisy, optimizer=cfg.optimizer,
-                         lr=_lr(cfg), steps=cfg.steps, every=cfg.every, readout_every=cfg.readout_every, run=run,
+                         lr=_lr(cfg), steps=cfg.steps, every=1 if minibatch else cfg.every,
+                         readout_every=cfg.readout_every, run=run,
                          y_clean=data.y_clean, x_test=data.x_test, y_test=data.y_test,
                          weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, step_size=cfg.step_size,
                          seed=seed, on_readout=on_readout)

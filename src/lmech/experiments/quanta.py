@@ -182,7 +182,8 @@ def analyze(steps: np.ndarray, losses: np.ndarray, probs: np.ndarray, alpha: flo
     out["exponent_measured"] = -slope
     out["exponent_superposition"] = -loglog_slope(steps[fit], superposition[fit])[0]
     # the quanta model proper: t_i = c / p_i (gamma = 1), c the median of t_i p_i over learned tasks
-    t_model = float(np.median(t_learned * probs[learned])) / probs
+    out["quanta_time_scale"] = float(np.median(t_learned * probs[learned]))
+    t_model = out["quanta_time_scale"] / probs
     model = np.array([LN2 * probs[s < t_model].sum() for s in steps])
     ok = fit & (model > 0)
     out["exponent_quanta_model"] = -loglog_slope(steps[ok], model[ok])[0] if ok.sum() >= 3 else None
@@ -236,6 +237,10 @@ def _save_figure(run, cfg: QuantaConfig, steps, losses, probs, result: dict) -> 
     t_all = np.array([t if t is not None else np.inf for t in result["t_half"]])
     ax.loglog(steps, [LN2 * probs[s < t_all].sum() for s in steps], "C0", drawstyle="steps-post", lw=1,
               label=f"sum of steps, exponent {result.get('exponent_superposition', float('nan')):.2f}")
+    if "quanta_time_scale" in result:
+        t_model = result["quanta_time_scale"] / probs
+        ax.loglog(steps, [LN2 * probs[s < t_model].sum() for s in steps], "C2", drawstyle="steps-post", lw=1, alpha=0.7,
+                  label=f"quanta model t_i = c/p_i, exponent {result.get('exponent_quanta_model') or float('nan'):.2f}")
     ax.set(xlabel="step", ylabel="loss", title="the average is a power law")
     ax.legend(fontsize=7)
     ax = axes[2]

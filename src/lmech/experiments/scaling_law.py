@@ -121,7 +121,8 @@ def _run(cfg: ScalingLawConfig, run, seed: int) -> dict:
         for key, value in HOFFMANN.items():
             hits[key] += fit.contains(key, value)
         run.log(rep, **{f"synthetic/{k}": v for k, v in fit.params().items()},
-                **{f"synthetic/{k}_lo": fit.ci[k][0] for k in HOFFMANN}, **{f"synthetic/{k}_hi": fit.ci[k][1] for k in HOFFMANN})
+                **{f"synthetic/{k}_lo": fit.ci[k][0] for k in HOFFMANN},
+                **{f"synthetic/{k}_hi": fit.ci[k][1] for k in HOFFMANN})
         if rep == 0:
             first = fit
     for key in HOFFMANN:

@@ -182,6 +182,8 @@ __all__ = [
     "channel_split",
     "frozen_gramian_eigenvalues",
     "optimizer_preconditioner",
+    "optimizer_update",
+    "UpdateModel",
     "LOSSES",
 ]
 
@@ -814,6 +816,10 @@ class PathRecorder:
         window: if set, a second window restarts every ``window`` recorded steps
             (:attr:`window_path`), for the operators of the recent past (grokking).
         chunk_size: examples vectorized at once in the Jacobian (``None``: all).
+
+    Attributes: ``path`` (the :class:`GramianPath` from :meth:`start`), ``window_path`` (the open
+    window) and :attr:`last_window`; ``K0``/``KQS0`` and ``K_last`` (first and last driving
+    kernels); ``history`` (the scalars of every :meth:`step`, with their step count).
     """
 
     def __init__(self, model: nn.Module, x_train: Inputs, y_train: Tensor, x_query: Inputs,
@@ -975,7 +981,10 @@ class PathRecorder:
         (if ``y_query``), ``poprisk`` and ``poprisk_path`` (population-risk estimates),
         ``poprisk_gap``, ``lin_error`` (relative error of the one-interval linear prediction of
         :math:`\Delta U_S`), ``lin_error_query``, ``kernel_trace`` (:math:`\mathrm{tr}K/n`),
-        ``drift_fro`` (:math:`\|K-K_0\|_F/\|K_0\|_F`), ``time``.
+        ``drift_fro`` (:math:`\|K-K_0\|_F/\|K_0\|_F`), ``time``; the first-order descent rates at the
+        interval start, ``rate_train`` (:math:`\bar g^\top\Pi\bar g`), ``rate_pop`` (its leave-one-out
+        version) and, with ``y_query``, ``rate_query`` (:math:`g_Q^\top K_{QS}g_S`, the held-out rate,
+        for validation only).
         """
         if self._state is None:
             raise RuntimeError("call recorder.start() before the first optimizer step (the window must begin "

@@ -111,8 +111,8 @@ def attention_field(x: np.ndarray, beta: float, model: Model = "SA", causal: boo
         raise ValueError(f"model must be 'SA' or 'USA', got {model!r}")
     with np.errstate(over="ignore", invalid="ignore"):  # USA overflow is reported by simulate()
         field = w @ vx
-    if project:
-        field = field - np.sum(field * x, axis=1, keepdims=True) * x
+        if project:
+            field = field - np.sum(field * x, axis=1, keepdims=True) * x
     return field
 
 

@@ -158,3 +158,27 @@ def test_a_zombie_writer_reads_as_dead():
         assert _pid_alive(os.getpid())
     finally:
         child.wait()
+
+
+def test_opening_the_store_heals_an_index_left_behind_by_a_killed_writer(store_root):
+    """A process killed between a folder rename and its index commit leaves them out of step."""
+    store = RunStore(store_root)
+    kept = store.create("grokking", {"lr": 1e-3}, seed=0)
+    kept.finish()
+    lost_row = store.create("grokking", {"lr": 1e-2}, seed=0)
+    lost_row.finish()
+    gone = store.create("grokking", {"lr": 1e-1}, seed=0)
+    gone.finish()
+    con = sqlite3.connect(store.index_path)
+    with con:
+        con.execute("DELETE FROM runs WHERE id = ?", (lost_row.id,))  # renamed, never indexed
+    con.close()
+    os.rename(gone.path, store_root / ".elsewhere")  # index row whose folder vanished
+
+    RunStore(store_root)
+    con = sqlite3.connect(store.index_path)
+    ids = sorted(row[0] for row in con.execute("SELECT id FROM runs"))
+    state = con.execute("SELECT state FROM runs WHERE id = ?", (lost_row.id,)).fetchone()[0]
+    con.close()
+    assert ids == sorted([kept.id, lost_row.id])
+    assert state == "done"

@@ -1,7 +1,6 @@
 """The scaling-law entry: synthetic data, one grid point, and its check rows."""
 
 import numpy as np
-import pytest
 import torch
 
 from lmech.experiments.scaling_law import HOFFMANN, check, synthetic_grid, train_point

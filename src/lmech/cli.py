@@ -246,7 +246,8 @@ def report(
 
 @app.command("verify")
 def verify(
-    names: Optional[List[str]] = typer.Argument(None, help="catalog entries to verify (default: every entry with checks)"),
+    names: Optional[List[str]] = typer.Argument(None, help="catalog entries to verify (default: the nine laws)"),
+    every: bool = typer.Option(False, "--all", help="every catalog entry that has checks, paper claims included"),
     quick: bool = typer.Option(False, "--quick", help="each entry's small, real configuration"),
     out: Path = typer.Option(Path("verify"), "--out", help="output folder: runs/, verify.json, report.html"),
     seed: int = typer.Option(0, "--seed", help="random seed of every run"),
@@ -254,13 +255,15 @@ def verify(
 ) -> None:
     """Run the catalog's theory-vs-measurement checks; one table, an HTML report, exit 1 if any fails."""
     from lmech.experiments.base import ConfigError
-    from lmech.verify import checks_table, resolve_names
+    from lmech.verify import checked_names, checks_table, resolve_names
     from lmech.verify import verify as run_verify
 
     if threads < 1:
         _fail("--threads must be at least 1")
+    if every and names:
+        _fail("give entry names or --all, not both")
     try:
-        todo = resolve_names(names)
+        todo = checked_names() if every else resolve_names(names)
     except ConfigError as err:
         _fail(str(err))
 

@@ -286,9 +286,14 @@ def _figure(result: Comparison, out) -> Path | None:
     ceiling = max(finite) * 1.1 if finite else 1.0
     for i, arm in enumerate(arms):
         ev = result.evaluation[result.evaluation["arm"] == arm].to_dict("records")
+        missing = 0
         for r in ev:
             v = _num(r.get(goal.metric)) if r["state"] == "done" else None
+            missing += v is None
             ax.plot(i, ceiling if v is None else v, "x" if v is None else "o", color=colors[arm], ms=7)
+        if missing:
+            ax.annotate(f"not reached ({missing}/{len(ev)})", (i, ceiling), textcoords="offset points", xytext=(0, 6),
+                        ha="center", fontsize=7)
         med = result.table.loc[result.table["arm"] == arm, f"median {goal.metric}"].iloc[0]
         if math.isfinite(med):
             ax.hlines(med, i - 0.25, i + 0.25, color="black", lw=2)

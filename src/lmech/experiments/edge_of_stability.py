@@ -39,7 +39,7 @@ the threshold and the longer progressive sharpening takes: at width 100, GD with
 2/lr only after 2,600 steps). Measured: with lr 0.09 the lowest sharpness was 0.900 of 2/lr
 (the sharpening check failed by 3e-4) and the arm then hovered 1.6% above 2/lr; with lr 0.12
 and heavy ball at lr 0.15 the width-200 network starts above the threshold. Results:
-docs/results/verify-dynamics.md. ``quick``: width 100, 1000 steps, GD at lr 0.12, heavy ball at
+docs/results/verify.md. ``quick``: width 100, 1000 steps, GD at lr 0.12, heavy ball at
 lr 0.15.
 """
 

@@ -49,7 +49,7 @@ it the two parameterizations share a finite-width effect: at the base width they
 network by construction, and narrow networks move more than the limit says (muP's first-layer
 weight change measured 0.105, 0.087, 0.066, 0.051 at widths 64..512, then flat at 0.049-0.051 up
 to 4096), so over the whole sweep 64..4096 the slopes are steeper (NTK -0.69, muP -0.19 for the
-weights; docs/results/verify-dynamics.md). Every slope over the whole sweep is stored in the
+weights; docs/results/verify.md). Every slope over the whole sweep is stored in the
 result (``<par>.slope_all_widths.<quantity>``) next to the fitted one.
 
 Checks (tolerances are engineering margins, not paper numbers: 30% relative on the NTK slopes,

@@ -24,7 +24,7 @@ relative to a base width of 64).
 
 The muP arm uses TP-V's recommended zero initialization of the readout (and of the attention
 query in the transformer), ``mup_zero_init``; SP keeps the models' standard initialization.
-Measured (docs/results/verify-dynamics.md): without the zero initializations and at learning
+Measured (docs/results/verify.md): without the zero initializations and at learning
 rate 0.01 the transformer's muP coordinate check was *not* flat (largest slope 0.34 per
 doubling, the MLP block's output projection; 0.22 for the readout; SP: 2.6); with them, at 0.01
 a two-seed probe gave largest slopes of 0.08-0.17 depending on the step, and the default

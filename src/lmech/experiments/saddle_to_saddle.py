@@ -56,7 +56,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmech.experiments._laws import blas_threads, first_crossing, log_series, loglog_slope, order_row, parse_list
+from lmech.experiments._laws import blas_threads, first_crossing, log_series, order_row, parse_list
 from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.models import MLP
 from lmech.theory import deep_linear as dl
@@ -185,7 +185,7 @@ def _run(cfg: SaddleToSaddleConfig, run, seed: int) -> dict:
     scales = sorted(parse_list(cfg.init_scales, float), reverse=True)
     result.update(singular_values=s.tolist(), init_scales=scales, merge_init_scale=cfg.merge_init_scale)
     half_times = []
-    for idx, sigma in enumerate([*scales, cfg.merge_init_scale]):
+    for sigma in [*scales, cfg.merge_init_scale]:
         # predicted last step time (effective u0 ~ sigma^2) plus margin sets the horizon
         u_eff = [dl.effective_u0(sigma * g1, sigma * g2, u_mat[:, k], v_mat[:, k]) for k in range(r)]
         t_pred = max(dl.half_time(float(s[k]), min(u_eff[k], 0.25 * s[k])) for k in range(r))

@@ -263,6 +263,8 @@ class RunStore:
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
+        if self.index_path.exists():
+            self._heal_index()
 
     # -- index -----------------------------------------------------------------------------------
     @property
@@ -285,12 +287,32 @@ class RunStore:
         finally:
             con.close()
 
-    def _index_upsert(self, meta: dict, status: dict) -> None:
+    @staticmethod
+    def _upsert(con: sqlite3.Connection, meta: dict, status: dict) -> None:
         row = (meta["id"], meta["experiment"], meta.get("sweep"), meta["config_hash"], meta["seed"],
                status.get("state"), status.get("message", ""), status.get("last_step", -1),
                meta["created"], status.get("finished"), json.dumps(meta["config"], sort_keys=True))
+        con.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
+
+    def _index_upsert(self, meta: dict, status: dict) -> None:
         with self._db() as con:
-            con.execute("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?)", row)
+            self._upsert(con, meta, status)
+
+    def _heal_index(self) -> None:
+        """Add folders the index lacks and drop rows whose folder is gone.
+
+        Creating and retiring a run each pair a rename with an index write inside one SQLite
+        transaction, so only a process killed in the microseconds between the rename and the commit
+        leaves the two out of step; opening the store repairs that from the folders.
+        """
+        folders = {p.name for p in self.root.iterdir()
+                   if not p.name.startswith(".") and (p / "config.json").exists()}
+        with self._db() as con:
+            ids = {row[0] for row in con.execute("SELECT id FROM runs")}
+            for run_id in sorted(folders - ids):
+                meta = json.loads((self.root / run_id / "config.json").read_text())
+                self._upsert(con, meta, self._read_status(self.root / run_id))
+            con.executemany("DELETE FROM runs WHERE id = ?", [(run_id,) for run_id in ids - folders])
 
     def reindex(self) -> int:
         """Rebuild the index from the run folders (the folders are the source of truth)."""
@@ -325,9 +347,10 @@ class RunStore:
         atomic_write_json(staging / "config.json", meta)
         run = Run(self, run_id, staging, meta)
         run._write_status("running")
-        os.replace(staging, path)
+        with self._db() as con:  # the row commits only if the rename happened
+            self._upsert(con, meta, run.status)
+            os.replace(staging, path)
         run.path = path
-        self._index_upsert(meta, run.status)
         return run
 
     # -- reading ---------------------------------------------------------------------------------
@@ -419,9 +442,9 @@ class RunStore:
         attempts.mkdir(parents=True, exist_ok=True)
         n = 1 + max((int(p.name) for p in attempts.iterdir() if p.name.isdigit()), default=0)
         target = attempts / str(n)
-        os.rename(path, target)  # same file system: atomic; fails rather than overwrite
-        with self._db() as con:
+        with self._db() as con:  # the delete commits only if the rename happened
             con.execute("DELETE FROM runs WHERE id = ?", (run,))
+            os.rename(path, target)  # same file system: atomic; fails rather than overwrite
         return target
 
     def mark_failed(self, run: str, message: str) -> dict:

@@ -39,13 +39,13 @@ COMPARISONS = {
               "grokfast": {"optimizer": "grokfast"},
               "poprisk-soft": {"optimizer": "poprisk", "gate": "soft", "alpha": "fresh"},
               "poprisk-snr-finite": {"optimizer": "poprisk", "gate": "snr", "alpha": "finite"}},
-        grid={"lr": [1e-4, 3e-4, 1e-3, 3e-3, 1e-2], "weight_decay": [0.0, 0.1]}),
+        grid={"lr": [1e-6, 3e-6, 1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2], "weight_decay": [0.0, 0.1]}),
     "pinn": dict(
         experiment="pinn-advection", sets=PINN,
         arms={"adamw": {"optimizer": "adamw"},
               "poprisk-soft": {"optimizer": "poprisk", "gate": "soft", "alpha": "fresh"},
               "poprisk-snr": {"optimizer": "poprisk", "gate": "snr", "alpha": "fresh"}},
-        grid={"lr": [3e-4, 1e-3, 3e-3, 1e-2]}),
+        grid={"lr": [3e-4, 1e-3, 3e-3, 1e-2, 3e-2]}),
     "grokking-mlp": dict(
         experiment="grokking", sets=GROK_MLP,
         arms={"adamw": {"optimizer": "adamw"},
@@ -64,6 +64,9 @@ ABLATIONS = {
     "ablation-grok-tensor": dict(experiment="grokking", sets={**GROK_MLP, "optimizer": "poprisk", "lr": 3e-3,
                                                               "weight_decay": 1.0, "reduction": "tensor"},
                                  grid={"gate": ["soft", "snr"]}, seeds=[0]),
+    "ablation-grok-lr": dict(experiment="grokking", sets={**GROK_MLP, "optimizer": "poprisk", "weight_decay": 1.0},
+                             grid={"gate": ["soft", "snr"], "alpha": ["fresh", "finite"], "lr": [1e-2, 3e-2]},
+                             seeds=[0]),
     "ablation-warmup-inr": dict(experiment="inr-noise", sets={**INR, "optimizer": "poprisk", "lr": 1e-3},
                                 grid={"gate": ["soft", "snr"], "gate_warmup": [0, 100]}, seeds=[0, 1, 2]),
     "ablation-warmup-pinn": dict(experiment="pinn-advection", sets={**PINN, "optimizer": "poprisk", "lr": 1e-3},
@@ -74,11 +77,9 @@ ABLATIONS = {
 EXTRA_MEDIANS = {"inr-noise": ["min_clean_mse", "final_train_mse"], "pinn-advection": [],
                  "grokking": ["step_to_99"]}
 
-TRANSFORMER_ARMS = {
-    "adamw": {"optimizer": "adamw"},
-    "poprisk-snr-finite": {"optimizer": "poprisk", "gate": "snr", "alpha": "finite"},
-    "grokfast": {"optimizer": "grokfast"},
-}
+# One sweep over the optimizer (the gate keys only act for optimizer=poprisk), so that two runs go at once.
+TRANSFORMER = dict(sets={**GROK_TRANSFORMER, "gate": "snr", "alpha": "finite"},
+                   grid={"optimizer": ["adamw", "poprisk", "grokfast"]}, seeds=[0])
 
 
 def run_comparison(key: str, out: Path, workers: int):
@@ -100,9 +101,8 @@ def run_ablations(out: Path, workers: int) -> None:
 def run_transformer(out: Path, workers: int) -> None:
     from lmech.sweeps import run_sweep
 
-    for arm, sets in TRANSFORMER_ARMS.items():
-        run_sweep("grokking", sets={**GROK_TRANSFORMER, **sets}, seeds=[0], workers=workers, out=out,
-                  name=f"transformer-{arm}")
+    run_sweep("grokking", sets=TRANSFORMER["sets"], grid=TRANSFORMER["grid"], seeds=TRANSFORMER["seeds"],
+              workers=workers, out=out, name="transformer")
 
 
 def run_proxy(out: Path) -> None:
@@ -189,22 +189,47 @@ def comparison_section(key: str, out: Path) -> str:
             table[f"median {extra}"] = [evaluation.loc[evaluation["arm"] == a, extra].median() for a in table["arm"]]
     text = [_table(table, [c for c in table.columns]), "",
             f"![{key}](poprisk-{key}.png)", "",
-            f"Tuning runs (seed 0), `{metric}` per grid point:", "",
-            _table(tuning, ["arm", *grid_keys, "state", metric] + (["final_test_acc"] if "final_test_acc" in tuning
-                                                                   else [])), ""]
+            f"Tuning runs (seed 0): `{metric}` per grid point (columns: learning rate):", "",
+            _pivot(tuning, grid_keys, metric), ""]
+    if "final_test_acc" in tuning.columns:
+        text += ["Final held-out accuracy of the tuning runs:", "", _pivot(tuning, grid_keys, "final_test_acc"), ""]
     return "\n".join(text)
 
 
-def sweep_section(name: str, out: Path, cols: list[str]) -> str:
+def _pivot(tuning, grid_keys: list[str], value: str) -> str:
+    """arm (x other grid keys) by learning rate."""
+    import pandas as pd
+
+    rows = [k for k in grid_keys if k != "lr"]
+    df = tuning.copy()
+    df[value] = [None if s != "done" else v for s, v in zip(df["state"], df[value])]
+    table = df.pivot_table(index=["arm", *rows], columns="lr", values=value, aggfunc="first", dropna=False,
+                           sort=False)
+    table = table.reset_index()
+    table.columns = [c if isinstance(c, str) else f"lr {c:g}" for c in table.columns]
+    table = table.astype(object).where(pd.notna(table), None)
+    return _table(table, list(table.columns))
+
+
+def sweep_section(name: str, out: Path, cols: list[str], last: tuple[str, ...] = ()) -> str:
+    """A sweep's runs: grid values, seed, state, result keys ``cols`` and the last logged value of ``last``."""
     from lmech.experiments.base import ConfigError
+    from lmech.runs import RunStore
     from lmech.sweeps import summary
 
     try:
         df = summary(name, out=out)
     except ConfigError:
-        return f"*not run yet: `python scripts/poprisk_study.py ablations`*\n"
-    grid = list(ABLATIONS[name]["grid"]) if name in ABLATIONS else []
-    present = [c for c in cols if c in df.columns]
+        return "*not run yet: `python scripts/poprisk_study.py ablations`*\n"
+    store = RunStore(out)
+    for key in last:
+        values = []
+        for run_id, state in zip(df["run_id"], df["state"]):
+            m = store.metrics(run_id, wide=True) if state in ("done", "diverged") else None
+            values.append(float(m[key].dropna().iloc[-1]) if m is not None and key in m.columns else None)
+        df[f"last {key}"] = values
+    grid = list(ABLATIONS[name]["grid"]) if name in ABLATIONS else list(TRANSFORMER["grid"])
+    present = [c for c in cols if c in df.columns] + [f"last {k}" for k in last]
     return _table(df, [*grid, "seed", "state", *present]) + "\n"
 
 
@@ -249,6 +274,9 @@ def mechanism_figure(out: Path) -> str:
     return "![mechanism](poprisk-grokking-mechanism.png)"
 
 
+GROK_LAST = ("train_acc", "weight_norm", "gate_mean", "gate_closed_fraction")
+
+
 def write_report(out: Path) -> Path:
     DOCS.mkdir(parents=True, exist_ok=True)
     template = (ROOT / "scripts" / "poprisk_report.md").read_text()
@@ -256,10 +284,10 @@ def write_report(out: Path) -> Path:
         "INR_TABLE": comparison_section("inr", out),
         "PINN_TABLE": comparison_section("pinn", out),
         "GROK_MLP_TABLE": comparison_section("grokking-mlp", out),
-        "ABLATION_GROK_WD": sweep_section("ablation-grok-wd", out,
-                                          ["step_to_95", "final_test_acc", "steps_run", "wall_time_s"]),
-        "ABLATION_GROK_TENSOR": sweep_section("ablation-grok-tensor", out,
-                                              ["step_to_95", "final_test_acc", "steps_run"]),
+        "ABLATION_GROK_WD": sweep_section("ablation-grok-wd", out, ["step_to_95", "final_test_acc"], GROK_LAST),
+        "ABLATION_GROK_LR": sweep_section("ablation-grok-lr", out, ["step_to_95", "final_test_acc"], GROK_LAST),
+        "ABLATION_GROK_TENSOR": sweep_section("ablation-grok-tensor", out, ["step_to_95", "final_test_acc"],
+                                              GROK_LAST),
         "ABLATION_WARMUP_INR": sweep_section("ablation-warmup-inr", out, ["final_clean_mse", "min_clean_mse"]),
         "ABLATION_WARMUP_PINN": sweep_section("ablation-warmup-pinn", out, ["step_to_target", "min_rel_l2"]),
         "PROXY_TABLE": proxy_section(out),
@@ -289,23 +317,8 @@ def proxy_section(out: Path) -> str:
 
 
 def transformer_section(out: Path) -> str:
-    import pandas as pd
-
-    from lmech.experiments.base import ConfigError
-    from lmech.sweeps import summary
-
-    rows = []
-    for arm in TRANSFORMER_ARMS:
-        try:
-            df = summary(f"transformer-{arm}", out=out)
-        except ConfigError:
-            continue
-        for r in df.to_dict("records"):
-            rows.append({"arm": arm, **r})
-    if not rows:
-        return "*not run yet: `python scripts/poprisk_study.py transformer`*\n"
-    return _table(pd.DataFrame(rows), ["arm", "seed", "state", "step_to_95", "step_to_99", "final_test_acc",
-                                       "steps_run", "wall_time_s"]) + "\n"
+    return sweep_section("transformer", out, ["step_to_95", "step_to_99", "final_test_acc", "steps_run",
+                                              "wall_time_s"], ("train_acc", "gate_mean"))
 
 
 def main(argv=None) -> None:

@@ -456,3 +456,41 @@ def test_public_api_and_docstring_examples():
         assert hasattr(core, name)
     res = doctest.testmod(core.functional, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert res.attempted > 10 and res.failed == 0
+
+
+def test_fused_attention_products_outside_any_context():
+    """A Transformer using F.scaled_dot_product_attention (fused kernel by default): jvp, hvp,
+    per-example gradients and the Jacobian work without the caller entering
+    differentiable_kernels(), with no vmap fallback, and match the explicit reference path
+    (autograd.functional on the math backend)."""
+    import warnings
+
+    from lmech.models import Transformer
+
+    torch.manual_seed(0)
+    model = Transformer(vocab_size=11, seq_len=4, n_out=5, d_model=8, n_heads=2, n_layers=1,
+                        d_mlp=16).to(DT).eval()
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randint(0, 11, (3, 4), generator=g), torch.randint(0, 5, (3,), generator=g)
+    fm = FunctionalModel(model)
+    f, th = make_ref(model, fm.names)
+    v = rand_like_tree(fm.params, 5)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*batching rule.*")  # no slow vmap fallback
+        hv = hvp(model, F.cross_entropy, x, y, v)
+        out, jv = jvp(model, x, v)
+        pe = per_example_grads(model, F.cross_entropy, x, y)
+        J = jacobian(model, x)
+    with core.differentiable_kernels():  # the reference needs the math backend too
+        H = torch.autograd.functional.hessian(lambda t: F.cross_entropy(f(t, x), y), th)
+        J_ref = torch.autograd.functional.jacobian(lambda t: f(t, x), th)
+        pe_ref = torch.stack([torch.autograd.functional.jacobian(
+            lambda t, i=i: F.cross_entropy(f(t, x[i:i + 1]), y[i:i + 1]), th) for i in range(3)])
+    torch.testing.assert_close(flatten(hv), H @ flatten(v), **TOL)
+    torch.testing.assert_close(jv, J_ref @ flatten(v), **TOL)
+    torch.testing.assert_close(out, model(x), **TOL)
+    torch.testing.assert_close(flat_cols(pe, (3,)), pe_ref, **TOL)
+    torch.testing.assert_close(flat_cols(J, out.shape), J_ref, **TOL)
+    # the probes' import path still works
+    from lmech.probes.base import differentiable_kernels
+    assert differentiable_kernels is core.differentiable_kernels

@@ -133,3 +133,56 @@ def test_bad_input_and_probe():
     out = GradNoiseProbe(per_coordinate=True).measure(TrainState(model, F.cross_entropy, (x, y)))
     assert {"grad_norm", "snr", "snr_stderr", "noise_scale", "snr/0", "gate_fraction/2"} <= set(out)
     assert out["coord_snr/0.weight"].shape == (20,)
+
+
+def test_group_gsnr_and_gate_fraction_brute_force():
+    """mean_gsnr and gate_fraction per group (assembled from per-tensor sums) against the
+    concatenated per-example gradient matrix of that group."""
+    model, x, y = case()
+    gn = grad_noise(model, F.cross_entropy, (x, y))
+    b = x.shape[0]
+    for label, names in [("0", ["0.weight", "0.bias"]), ("2", ["2.weight", "2.bias"]),
+                         (None, ["0.weight", "0.bias", "2.weight", "2.bias"])]:
+        G = flat_grads(model, x, y, names)
+        m, var = G.mean(0), G.var(0, unbiased=True)
+        res = gn.total if label is None else gn.groups[label]
+        keep = var > 0
+        assert res.mean_gsnr == pytest.approx(float((m[keep] ** 2 / var[keep]).mean()), rel=1e-10)
+        assert res.gate_fraction == pytest.approx(float((m**2 > var / b).double().mean()), rel=1e-12)
+        assert res.signal == pytest.approx(float((m**2 - var / b).sum()), rel=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, DT])
+def test_moments_match_brute_force(dtype):
+    """The in-place fast reductions against float64 brute force on an offset matrix (mean far
+    from zero: a naive sum-of-squares formula would cancel)."""
+    from lmech.probes.gradnoise import _moments
+
+    G = 3.0 + torch.randn(17, 20000, generator=torch.Generator().manual_seed(0))
+    G = G.to(dtype)
+    G64 = G.to(DT)
+    s, m2, sq, dot = _moments(G.clone())
+    assert s.dtype == m2.dtype == sq.dtype == dot.dtype == dtype
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(s.to(DT), G64.sum(0), **tol)
+    torch.testing.assert_close(m2.to(DT) / 16, G64.var(0, unbiased=True), **tol)
+    torch.testing.assert_close(sq.to(DT), (G64 * G64).sum(1), **tol)
+    torch.testing.assert_close(dot.to(DT), G64 @ G64.sum(0), **tol)
+    assert _moments(G.clone(), with_dot=False)[3] is None
+
+
+def test_float32_model_matches_float64_brute_force():
+    """A float32 model (reductions in float32, accumulated in float64) against the float64
+    per-example gradient matrix of the same model."""
+    model, x, y = case()
+    m32 = model.float()
+    gn = grad_noise(m32, F.cross_entropy, (x.float(), y))
+    G = flat_grads(m32, x.float(), y).to(DT)
+    flat = lambda d: torch.cat([t.reshape(-1) for t in d.values()])  # noqa: E731
+    torch.testing.assert_close(flat(gn.mean).to(DT), G.mean(0), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(flat(gn.variance).to(DT), G.var(0, unbiased=True), rtol=1e-4, atol=1e-9)
+    b = G.shape[0]
+    m, tr = G.mean(0), G.var(0, unbiased=True).sum()
+    assert gn.total.grad_norm_sq == pytest.approx(float(m @ m), rel=1e-5)
+    assert gn.total.trace_cov == pytest.approx(float(tr), rel=1e-5)
+    assert gn.total.snr == pytest.approx(float((m @ m) / (tr / b)), rel=1e-4)

@@ -279,3 +279,54 @@ def test_attention_model_second_derivatives():
         H = explicit_hessian(model, F.cross_entropy, x, y, params="blocks.0.attn")
     res = sharpness(model, F.cross_entropy, (x, y), params="blocks.0.attn", tol=1e-10, max_iter=H.shape[0])
     assert res.top == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-7)
+
+
+def test_operator_gradient_matches_loss_and_grad_chunked_and_preconditioned():
+    from lmech.core import loss_and_grad
+
+    model, x, y = small_mlp(seed=11)
+    _, g = loss_and_grad(model, F.cross_entropy, x, y)
+    g = flatten(g)
+    torch.testing.assert_close(HessianOperator(model, F.cross_entropy, (x, y)).gradient(), g,
+                               rtol=1e-12, atol=1e-14)
+    chunked = HessianOperator(model, F.cross_entropy, (x, y), batch_size=6)
+    torch.testing.assert_close(chunked.gradient(), g, rtol=1e-10, atol=1e-12)
+    P = {n: torch.rand_like(p) + 0.5 for n, p in model.named_parameters()}
+    pre = HessianOperator(model, F.cross_entropy, (x, y), preconditioner=P)
+    torch.testing.assert_close(pre.gradient(), g * flatten(P).rsqrt(), rtol=1e-12, atol=1e-14)
+    assert pre.num_matvecs == 0
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_gradient_start_equals_random_start_and_explicit_hessian(k):
+    """The start vector changes the number of products, not the answer: both starts converge to
+    the explicit eigenvalues, and the gradient start is g/|g| + z/|z| with the seeded z."""
+    model, x, y = small_mlp(seed=13)
+    H = explicit_hessian(model, F.cross_entropy, x, y)
+    exact = torch.linalg.eigvalsh(H).flip(0)[:k]
+    a = sharpness(model, F.cross_entropy, (x, y), k=k, tol=1e-10, start="gradient")
+    b = sharpness(model, F.cross_entropy, (x, y), k=k, tol=1e-10, start="random")
+    torch.testing.assert_close(a.eigenvalues, exact, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(b.eigenvalues, exact, rtol=1e-8, atol=1e-10)
+    op = HessianOperator(model, F.cross_entropy, (x, y))
+    g = op.gradient()
+    z = torch.randn(op.dim, generator=torch.Generator().manual_seed(0), dtype=DT)
+    v0 = g / g.norm() + z / z.norm()
+    c = sharpness(model, F.cross_entropy, (x, y), k=k, tol=1e-10, v0=v0)
+    assert c.num_hvps == a.num_hvps
+    torch.testing.assert_close(c.eigenvalues, a.eigenvalues, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ValueError, match="start"):
+        sharpness(model, F.cross_entropy, (x, y), start="ones")
+
+
+def test_gradient_start_falls_back_to_random_at_a_stationary_point():
+    # loss linear in the output with zero inputs: gradient exactly 0 for the weight, H = 0 there
+    model = nn.Linear(3, 1, bias=False).to(DT)
+    x = torch.randn(8, 3, dtype=DT)
+    loss = lambda o, _: 0.5 * (o**2).mean()  # noqa: E731  minimum at w = 0
+    with torch.no_grad():
+        model.weight.zero_()
+    a = sharpness(model, loss, (x, None), k=1, tol=1e-10, start="gradient")
+    b = sharpness(model, loss, (x, None), k=1, tol=1e-10, start="random")
+    assert a.num_hvps == b.num_hvps and a.top == pytest.approx(b.top, rel=1e-12)
+    assert a.top == pytest.approx(float(torch.linalg.eigvalsh(x.T @ x / 8)[-1]), rel=1e-8)

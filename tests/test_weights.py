@@ -122,3 +122,43 @@ def test_spectral_norm_lanczos_matches_svd_and_no_svd_mode():
         assert light[name].rel_change_op == pytest.approx(full[name].rel_change_op, rel=1e-4, abs=1e-12)
     with pytest.raises(ValueError, match="needs the singular values"):
         weight_spectra(net, fit_power_law=True, singular_values=False)
+
+
+def test_warm_started_spectral_norm_equals_cold_and_zero_matrix():
+    from lmech.probes.weights import spectral_norm_and_vector
+
+    g = torch.Generator().manual_seed(3)
+    W = torch.randn(200, 150, generator=g, dtype=torch.float64)
+    exact = float(torch.linalg.matrix_norm(W, 2))
+    cold, v = spectral_norm_and_vector(W)
+    assert cold == pytest.approx(exact, rel=1e-5) and v.shape == (150,)
+    W2 = W + 0.05 * torch.randn(200, 150, generator=g, dtype=torch.float64)
+    warm, _ = spectral_norm_and_vector(W2, v)
+    assert warm == pytest.approx(float(torch.linalg.matrix_norm(W2, 2)), rel=1e-5)
+    assert warm == pytest.approx(spectral_norm(W2), rel=1e-5)
+    # a start vector of the wrong length is ignored (cold start), the exact path returns None
+    assert spectral_norm_and_vector(W2, torch.ones(7))[0] == pytest.approx(warm, rel=1e-5)
+    assert spectral_norm_and_vector(W[:, :30])[1] is None
+    assert spectral_norm_and_vector(torch.zeros(100, 120, dtype=torch.float64)) == (0.0, None)
+
+
+def test_probe_warm_starts_give_the_svd_values_across_measurements():
+    from lmech.probes.weights import WeightSpectrumProbe
+
+    torch.manual_seed(1)
+    net = nn.Sequential(nn.Linear(120, 100), nn.Tanh(), nn.Linear(100, 90))
+    state = TrainState(net, None, None)
+    probe = WeightSpectrumProbe(fit_power_law=False)
+    init = {n: p.detach().clone() for n, p in net.named_parameters()}
+    for step in range(3):
+        out = probe.measure(state)
+        for name in ("0.weight", "2.weight"):
+            W = net.get_parameter(name).detach().double()
+            D = W - init[name].double()
+            assert out[f"spectral_norm/{name}"] == pytest.approx(float(torch.linalg.matrix_norm(W, 2)), rel=1e-5)
+            expected = float(torch.linalg.matrix_norm(D, 2)) / float(torch.linalg.matrix_norm(init[name].double(), 2))
+            assert out[f"rel_change_op/{name}"] == pytest.approx(expected, rel=1e-4, abs=1e-12)
+        assert set(probe._start) == {"0.weight", "2.weight"}
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(0.02 * torch.randn_like(p))

@@ -29,12 +29,16 @@ Conventions shared by every function here:
   the gradient is the sum over uses. A tied alias (e.g. ``"out.weight"``) may be used in a
   selector; it resolves to the canonical name.
 * Only floating-point parameters are differentiated; integer inputs (token ids) are fine.
+* Attention: :func:`jvp`, :func:`hvp`, :func:`per_example_grads` and :func:`jacobian` run
+  ``scaled_dot_product_attention`` on its math backend (:func:`differentiable_kernels`), since
+  the fused kernels have no forward-mode, second or ``vmap``-batched derivative.
 * Dict order: every returned dict follows ``FunctionalModel.names`` order, so :func:`flatten`
   of the results gives consistent vectors.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Sequence, Union
 
 import torch
@@ -47,6 +51,7 @@ __all__ = [
     "ParamSelector",
     "FunctionalModel",
     "DEFAULT_MAX_BYTES",
+    "differentiable_kernels",
     "loss_and_grad",
     "per_example_grads",
     "jvp",
@@ -220,6 +225,25 @@ def _check_bytes(nbytes: int, max_bytes: int | None, what: str) -> None:
         )
 
 
+def differentiable_kernels():
+    """Context in which ``scaled_dot_product_attention`` uses its composite math backend.
+
+    The fused CPU/GPU attention kernels have a first derivative only: no double backward (needed
+    by Hessian-vector products), no forward-mode AD (needed by JVPs), and no ``vmap`` batching
+    rule for their backward (per-example gradients and Jacobians fall back to a slow loop). The
+    math backend is ordinary differentiable tensor algebra and computes the same function (up
+    to rounding), so :func:`jvp`, :func:`hvp`, :func:`per_example_grads` and :func:`jacobian`
+    run under this context themselves; :func:`loss_and_grad` and :func:`vjp` (first
+    derivatives, no ``vmap``) keep the fused kernels. A model without attention is unaffected.
+    Re-exported by :mod:`lmech.probes.base`.
+    """
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # pragma: no cover - old torch
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
 # --------------------------------------------------------------------------------------------
 # Gradients and products
 # --------------------------------------------------------------------------------------------
@@ -294,9 +318,10 @@ def per_example_grads(
         return loss_fn(fm(p, *xs1), y1)
 
     in_dims = (None, 0, None if targets is None else 0)
-    return vmap(grad(one), in_dims=in_dims, chunk_size=chunk_size, randomness="different")(
-        fm.params, xs, targets
-    )
+    with differentiable_kernels():
+        return vmap(grad(one), in_dims=in_dims, chunk_size=chunk_size, randomness="different")(
+            fm.params, xs, targets
+        )
 
 
 def jvp(
@@ -319,7 +344,8 @@ def jvp(
     fm = _fmodel(model, params)
     xs = _as_tuple(inputs)
     v = _match_keys(tangents, fm, "tangents")
-    return _func_jvp(lambda p: fm(p, *xs), (fm.params,), (v,))
+    with differentiable_kernels():
+        return _func_jvp(lambda p: fm(p, *xs), (fm.params,), (v,))
 
 
 def vjp(
@@ -378,7 +404,8 @@ def hvp(
     def loss(p):
         return loss_fn(fm(p, *xs), targets)
 
-    _, hv = _func_jvp(grad(loss), (fm.params,), (v,))
+    with differentiable_kernels():
+        _, hv = _func_jvp(grad(loss), (fm.params,), (v,))
     return hv
 
 
@@ -417,7 +444,8 @@ def jacobian(
         itemsize = max((p.element_size() for p in fm.params.values()), default=4)
         _check_bytes(out.numel() * fm.numel * itemsize, max_bytes, "the Jacobian")
         del out
-    return jacrev(lambda p: fm(p, *xs), chunk_size=chunk_size)(fm.params)
+    with differentiable_kernels():
+        return jacrev(lambda p: fm(p, *xs), chunk_size=chunk_size)(fm.params)
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -106,12 +107,13 @@ class EigenResult:
         return self.residuals / self.eigenvalues.abs().clamp_min(torch.finfo(torch.float64).tiny)
 
 
-def _select(theta: Tensor, k: int, which: str) -> Tensor:
+def _select(theta: np.ndarray, k: int, which: str) -> np.ndarray:
+    """Indices of the ``k`` wanted Ritz values (``theta`` ascending, from ``eigh``)."""
     if which == "LA":
-        return torch.argsort(theta, descending=True)[:k]
+        return np.argsort(-theta, kind="stable")[:k]
     if which == "SA":
-        return torch.argsort(theta)[:k]
-    return torch.argsort(theta.abs(), descending=True)[:k]
+        return np.argsort(theta, kind="stable")[:k]
+    return np.argsort(-np.abs(theta), kind="stable")[:k]
 
 
 def lanczos(
@@ -137,7 +139,8 @@ def lanczos(
     :math:`\mathcal K_m(A, v_0)` and the tridiagonal :math:`T_m = Q_m^\top A Q_m` (entries
     :math:`\alpha_j = q_j^\top A q_j`, :math:`\beta_j = \|w_j\|`), with
     :math:`A Q_m = Q_m T_m + \beta_m q_{m+1} e_m^\top`. Each new vector is orthogonalized against
-    the whole basis twice ("twice is enough", Parlett), which prevents the ghost eigenvalues of
+    the whole basis by classical Gram-Schmidt, twice ("twice is enough", Parlett; two
+    matrix-vector products with the basis per step), which prevents the ghost eigenvalues of
     plain Lanczos. After every product the Ritz pairs :math:`(\theta_i, y_i = Q_m s_i)` of
     :math:`T_m` are computed and the run stops when the ``k`` requested ones satisfy
     :math:`r_i = \beta_m |e_m^\top s_i| \le \mathrm{tol}\,|\theta_i|` (Golub & Van Loan,
@@ -199,6 +202,9 @@ def lanczos(
 
     alphas: list[float] = []
     betas: list[float] = []  # betas[j] couples q_j and q_{j+1}; 0.0 marks a restart
+    # the tridiagonal, filled as it grows; its small eigenproblems are solved with NumPy (same
+    # LAPACK routine as torch, without the per-call dispatch cost of tiny tensors)
+    T = np.zeros((m_max, m_max))
     theta = resid = S = sel = None
     converged = False
     scale = 0.0
@@ -206,35 +212,38 @@ def lanczos(
         w = matvec(Q[j]).reshape(-1).to(dtype)
         if w.numel() != dim:
             raise ValueError(f"matvec returned {w.numel()} entries, expected dim={dim}")
-        alpha = float(torch.dot(w, Q[j]))
+        # Full reorthogonalization by classical Gram-Schmidt, twice (CGS2; "twice is enough"):
+        # w <- w - Q^T (Q w) removes alpha_j q_j and beta_{j-1} q_{j-1} (the three-term recurrence)
+        # and every rounding-error component along the basis; alpha_j = q_j^T A q_j is the
+        # coefficient on q_j summed over both passes. Out of place first: w may alias Q[j].
+        basis = Q[: j + 1]
+        h = basis @ w
+        w = torch.addmv(w, basis.T, h, alpha=-1)
+        h2 = basis @ w
+        w.addmv_(basis.T, h2, alpha=-1)
+        alpha = float(h[j]) + float(h2[j])
         alphas.append(alpha)
-        w = w - alpha * Q[j]
-        if j > 0:
-            w = w - betas[-1] * Q[j - 1]
-        for _ in range(2):  # full reorthogonalization, twice
-            w = w - Q[: j + 1].T @ (Q[: j + 1] @ w)
         beta = float(torch.linalg.vector_norm(w))
         if not math.isfinite(beta) or not math.isfinite(alpha):
             raise FloatingPointError("Lanczos produced a non-finite value: the operator returned NaN/inf")
 
-        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        T[j, j] = alpha
         if j > 0:
-            off = torch.tensor(betas, dtype=torch.float64)
-            T = T + torch.diag(off, 1) + torch.diag(off, -1)
-        theta, S = torch.linalg.eigh(T)
-        scale = max(scale, float(theta.abs().max()))
+            T[j, j - 1] = T[j - 1, j] = betas[-1]
+        theta, S = np.linalg.eigh(T[: j + 1, : j + 1])
+        scale = max(scale, float(np.abs(theta).max()))
         full = j + 1 == dim
         invariant = full or beta <= 1e-10 * max(scale, 1e-300)
-        resid = (0.0 if invariant else beta) * S[-1].abs()
+        resid = (0.0 if invariant else beta) * np.abs(S[-1])
         # On an invariant subspace every Ritz pair is exact, but eigenvalues whose eigenvectors
         # the start vector missed (repeated ones) are absent: restart before judging convergence.
         if j + 1 >= k and callback is not None:
             chosen = _select(theta, k, which)
-            callback(j + 1, theta[chosen].clone(), resid[chosen].clone())
+            callback(j + 1, torch.from_numpy(theta[chosen].copy()), torch.from_numpy(resid[chosen].copy()))
         if j + 1 >= k and (full or not invariant):
             sel = _select(theta, k, which)
             floor = 1e-8 * scale  # eigenvalues ~0 converge in absolute terms
-            if bool((resid[sel] <= tol * theta[sel].abs().clamp_min(floor)).all()):
+            if bool((resid[sel] <= tol * np.maximum(np.abs(theta[sel]), floor)).all()):
                 converged = True
                 break
         if j + 1 == m_max:
@@ -246,7 +255,7 @@ def lanczos(
             Q[j + 1] = w / torch.linalg.vector_norm(w)
             betas.append(0.0)
         else:
-            Q[j + 1] = w / beta
+            torch.div(w, beta, out=Q[j + 1])
             betas.append(beta)
 
     m = len(alphas)
@@ -254,11 +263,11 @@ def lanczos(
         sel = _select(theta, k, which)
     vectors = None
     if return_vectors:
-        vectors = Q[:m].T @ S[:, sel].to(dtype=dtype, device=Q.device)
+        vectors = Q[:m].T @ torch.from_numpy(S[:, sel]).to(dtype=dtype, device=Q.device)
     return EigenResult(
-        eigenvalues=theta[sel].clone(),
+        eigenvalues=torch.from_numpy(theta[sel].copy()),
         eigenvectors=vectors,
-        residuals=resid[sel].clone(),
+        residuals=torch.from_numpy(resid[sel].copy()),
         converged=converged,
         num_matvecs=m,
     )

@@ -70,13 +70,22 @@ Measured with ``python scripts/poprisk_study.py ablations`` (tables in ``docs/re
   (:math:`\alpha = \lambda = 1`, default betas and rho) is 0 at step 1, 0.55 at step 10 and
   0.92 at step 50 (``snr``: 0.5, 0.69, 0.92). We keep Algorithm 1 literally (the moments are
   updated from step 1) and add ``gate_warmup`` (default 0): for the first ``gate_warmup`` steps
-  the gate is held open (:math:`q = 1`) while ``m, v, s`` accumulate. See the docs page for the
-  measured effect; the default stays 0 because it is the algorithm as published.
+  the gate is held open (:math:`q = 1`) while ``m, v, s`` accumulate. **Default 0**, by
+  experiment (lr 1e-3, seeds 0-2): on ``inr-noise`` 100 open steps let the network fit the noise
+  before the gate engages and the final error to the clean signal rises from 0.04-0.08 to
+  0.10-0.16 (soft gate; snr 0.18-0.25 either way); on ``pinn-advection`` the warm-up changes the
+  steps to target little (soft 800-1,400 -> 725-1,100; snr 500-575 either way). The first-step
+  closure costs little, the warm-up can cost a lot, and 0 is the algorithm as published.
 * **Weight decay.** ``gate_weight_decay=False`` (default, Algorithm 1: decoupled, ungated) or
   ``True`` (the decay of element :math:`k` is multiplied by :math:`q_k`). With ungated decay, a
   closed gate leaves decay acting alone and shrinks the parameter geometrically,
-  :math:`w \to (1-\eta\lambda_{wd})^t w`; the experiment in the docs page measures what this does
-  to grokking.
+  :math:`w \to (1-\eta\lambda_{wd})^t w`. **Default ungated**, by experiment (grokking MLP, a+b
+  mod 97, 30%, lr 3e-3, weight decay 1, seed 0, both gates and both alphas): neither form groks
+  within 20,000 steps. Ungated, the soft gate lets decay shrink the weight norm from 25 to 5 in
+  700 steps and the net never fits its training set; gated, the net memorizes (snr: 100% train
+  accuracy) but held-out accuracy stays at chance, because a mostly closed gate also removes the
+  decay pressure that makes AdamW grok. Gating was not better in any variant, so the published
+  form stays the default.
 * **Normalization.** :math:`\hat s` estimates :math:`\Sigma_B/(b-1)` itself; it is *not* divided
   by :math:`b-1` again (one port does, which double-counts :math:`1/b`).
 * **Stationary bias.** With stationary gradients :math:`\mathbb E[s] \approx

@@ -61,6 +61,7 @@ from lmech.probes.weights import (
     WeightSpectrumProbe,
     power_law_fit,
     spectral_norm,
+    spectral_norm_and_vector,
     weight_spectra,
 )
 
@@ -77,7 +78,8 @@ __all__ = [
     # gradient noise
     "grad_noise", "GradNoise", "GroupNoise", "GradNoiseProbe",
     # weights
-    "power_law_fit", "PowerLawFit", "weight_spectra", "spectral_norm", "LayerSpectrum", "WeightSpectrumProbe",
+    "power_law_fit", "PowerLawFit", "weight_spectra", "spectral_norm", "spectral_norm_and_vector",
+    "LayerSpectrum", "WeightSpectrumProbe",
     # representations
     "linear_cka", "svcca", "mutual_knn", "similarity", "SimilarityResult", "layer_features",
     "RepresentationProbe",

@@ -11,14 +11,18 @@ states; probes draw their own random numbers from seeded generators).
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
 
-from lmech.core.functional import DEFAULT_MAX_BYTES, FunctionalModel, ParamSelector
+from lmech.core.functional import (
+    DEFAULT_MAX_BYTES,
+    FunctionalModel,
+    ParamSelector,
+    differentiable_kernels,  # re-exported: it lives in lmech.core
+)
 
 __all__ = ["Cost", "Probe", "TrainState", "layer_groups", "split_batch", "subsample", "differentiable_kernels"]
 
@@ -109,19 +113,3 @@ def subsample(batch, n: int | None) -> tuple:
     xs = tuple(x[:n] for x in inputs)
     ys = targets[:n] if isinstance(targets, Tensor) else targets
     return (xs if len(xs) > 1 else xs[0], ys)
-
-
-def differentiable_kernels():
-    """Context in which ``scaled_dot_product_attention`` uses its composite math backend.
-
-    The fused CPU/GPU attention kernels have a first derivative only: no double backward (needed
-    by Hessian-vector products), no forward-mode AD (needed by JVPs), and no ``vmap`` batching
-    rule for their backward (per-example gradients fall back to a slow loop). The math backend
-    is ordinary differentiable tensor algebra and computes the same function, so probes run
-    under this context; a model without attention is unaffected.
-    """
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # pragma: no cover - old torch
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])

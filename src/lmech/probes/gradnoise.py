@@ -32,7 +32,8 @@ scale come with **jackknife standard errors**, computed exactly from the leave-o
 
 Memory: per-example gradients take :math:`b P` numbers; above ``max_bytes`` the batch is processed
 in chunks of examples (two passes: moments first, then each example's dot product with the sum).
-Reductions run in the gradients' dtype per chunk and are accumulated in float64.
+Reductions run in the gradients' dtype per chunk, in place on the freshly computed gradients (no
+copy of the :math:`b \times P` matrix), and are combined in float64.
 """
 
 from __future__ import annotations
@@ -41,12 +42,13 @@ import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from lmech.core.functional import DEFAULT_MAX_BYTES, FunctionalModel, ParamSelector, per_example_grads
 from lmech.core.linalg import MemoryBudgetError
-from lmech.probes.base import Cost, TrainState, differentiable_kernels, layer_groups, split_batch, subsample
+from lmech.probes.base import Cost, TrainState, layer_groups, split_batch, subsample
 
 __all__ = ["GroupNoise", "GradNoise", "grad_noise", "GradNoiseProbe"]
 
@@ -103,66 +105,78 @@ class GradNoise:
     batch_size: int
 
 
-def _noise_scale(trace_cov: Tensor, norm_sq: Tensor, b: int | Tensor) -> Tensor:
+def _noise_scale(trace_cov: np.ndarray, norm_sq: np.ndarray, b: int) -> np.ndarray:
     denom = norm_sq - trace_cov / b
-    return torch.where(denom > 0, trace_cov / denom.clamp_min(1e-300), torch.full_like(denom, math.inf))
+    return np.where(denom > 0, trace_cov / np.maximum(denom, 1e-300), math.inf)
 
 
-def _jackknife_se(loo: Tensor) -> float:
-    """sqrt((b-1)/b * sum_i (theta_{-i} - mean)^2); nan if any leave-one-out value is not finite."""
-    if not bool(torch.isfinite(loo).all()):
-        return float("nan")
-    b = loo.numel()
-    return float(((b - 1) / b * ((loo - loo.mean()) ** 2).sum()).sqrt())
+def _jackknife_se(loo: np.ndarray) -> np.ndarray:
+    """Per row of ``loo`` (leave-one-out values, last dim = examples):
+    sqrt((b-1)/b * sum_i (theta_{-i} - mean)^2); nan for a row with a non-finite value."""
+    b = loo.shape[-1]
+    finite = np.isfinite(loo).all(-1)
+    x = np.where(finite[..., None], loo, 0.0)
+    se = np.sqrt((b - 1) / b * ((x - x.mean(-1, keepdims=True)) ** 2).sum(-1))
+    return np.where(finite, se, math.nan)
 
 
-def _group_summary(mean: Tensor, m2: Tensor, sq: Tensor, dot: Tensor, b: int) -> GroupNoise:
-    """From the per-coordinate mean and centered sum of squares M2 = sum_i (g_i - mean)^2 (flat
-    over the group), and per example sq_i = |g_i|^2 and dot_i = S1 . g_i with S1 = b * mean."""
-    var = m2 / (b - 1)
-    loo = var / b
-    norm_sq = (mean**2).sum()
-    trace_cov = var.sum()
-    snr = norm_sq / (trace_cov / b) if float(trace_cov) > 0 else torch.tensor(math.inf, dtype=mean.dtype)
-    has_var = var > 0
-    gsnr = (mean[has_var] ** 2 / var[has_var])
-    # leave-one-out (jackknife) values of the group statistics, exactly, from the sums:
-    # S1_{-i} = S1 - g_i and Q_{-i} = Q - |g_i|^2 with Q = sum_i |g_i|^2
-    Q = sq.sum()
-    bp = b - 1
-    norm_sq_loo = (b * b * norm_sq - 2 * dot + sq) / bp**2
-    trace_cov_loo = ((Q - sq) - bp * norm_sq_loo) / (bp - 1) if bp > 1 else torch.full_like(sq, math.nan)
-    snr_loo = norm_sq_loo / (trace_cov_loo / bp)
-    return GroupNoise(
-        grad_norm_sq=float(norm_sq),
-        trace_cov=float(trace_cov),
-        signal=float(norm_sq - loo.sum()),
-        snr=float(snr),
-        snr_stderr=_jackknife_se(snr_loo),
-        mean_gsnr=float(gsnr.mean()) if gsnr.numel() else float("nan"),
-        gate_fraction=float((mean**2 > loo).double().mean()),
-        noise_scale=float(_noise_scale(trace_cov, norm_sq, b)),
-        noise_scale_stderr=_jackknife_se(_noise_scale(trace_cov_loo, norm_sq_loo, bp)),
-        numel=int(mean.numel()),
-    )
+def _group_summaries(sums: np.ndarray, numel: np.ndarray, sq: np.ndarray, dot: np.ndarray,
+                     members: list[list[int]], b: int) -> list[GroupNoise]:
+    r"""Statistics of every group at once, from per-tensor sums (float64 NumPy arrays: a few
+    dozen operations on arrays of a few numbers, cheaper in NumPy than in torch).
 
-
-def _mean_and_m2(G: Tensor) -> tuple[Tensor, Tensor]:
-    """Column mean and centered sum of squares of ``G`` (rows = examples), as float64.
-
-    Accumulates squares of the rows shifted by the first row (same variance, so the final
-    correction ``m (mean - shift)^2`` is of the variance's size: no catastrophic cancellation)
-    with one fused multiply-add per row; much faster on CPU than ``Tensor.var(0)``.
+    ``sums`` is ``(T, 6)``: per tensor :math:`\sum_k \bar g_k^2`, :math:`\sum_k \hat\sigma_k^2`,
+    :math:`\sum_k \hat s_k`, :math:`\sum_k \mathrm{GSNR}_k` over coordinates with
+    :math:`\hat\sigma_k^2 > 0`, the count of those, and the count of :math:`\bar g_k^2 > \hat s_k`;
+    ``numel`` ``(T,)``; ``sq`` and ``dot`` ``(T, b)``: :math:`|g_i|^2` and :math:`S_1\cdot g_i`
+    restricted to each tensor. ``members[j]`` lists the tensors of group ``j``. Every group
+    statistic is a sum over its coordinates, so adding the per-tensor sums is exact.
     """
-    shift = G[0]
-    acc = torch.zeros_like(shift)
-    for row in G[1:]:
-        d = row - shift
-        acc.addcmul_(d, d)
-    mean = G.mean(0)
-    dm = (mean - shift).to(torch.float64)
-    m2 = (acc.to(torch.float64) - G.shape[0] * dm * dm).clamp_min(0)
-    return mean.to(torch.float64), m2
+
+    def add(x: np.ndarray) -> np.ndarray:  # per-group sums of per-tensor rows
+        return np.stack([x[ts].sum(0) for ts in members])
+
+    S, n, sqg, dotg = add(sums), add(numel), add(sq), add(dot)
+    norm_sq, trace_cov, loo_sum, gsnr_sum, gsnr_count, gate = S.T
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        snr = np.where(trace_cov > 0, norm_sq / (trace_cov / b), math.inf)
+        # leave-one-out (jackknife) values of the group statistics, exactly, from the sums:
+        # S1_{-i} = S1 - g_i and Q_{-i} = Q - |g_i|^2 with Q = sum_i |g_i|^2 (b >= 3: bp - 1 >= 1)
+        Q = sqg.sum(1, keepdims=True)
+        bp = b - 1
+        norm_sq_loo = (b * b * norm_sq[:, None] - 2 * dotg + sqg) / bp**2
+        trace_cov_loo = ((Q - sqg) - bp * norm_sq_loo) / (bp - 1)
+        snr_loo = norm_sq_loo / (trace_cov_loo / bp)
+        rows = np.stack([
+            norm_sq, trace_cov, norm_sq - loo_sum, snr, _jackknife_se(snr_loo),
+            np.where(gsnr_count > 0, gsnr_sum / np.maximum(gsnr_count, 1), math.nan),
+            gate / n, _noise_scale(trace_cov, norm_sq, b),
+            _jackknife_se(_noise_scale(trace_cov_loo, norm_sq_loo, bp)), n,
+        ], 1).tolist()
+    return [GroupNoise(*r[:9], numel=int(r[9])) for r in rows]
+
+
+def _moments(G: Tensor, with_dot: bool = True) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    r"""Column sums, column centered sums of squares, row squared norms and row dot products
+    with the column sums of ``G`` (rows = examples, :math:`m` of them), all in ``G``'s dtype.
+    ``G`` is overwritten (centered and squared in place).
+
+    With :math:`s_k = \sum_i g_{ik}` and the rounded column mean :math:`\tilde m_k = s_k/m`:
+    ``sq[i]`` :math:`= |g_i|^2`, ``dot[i]`` :math:`= g_i \cdot s` (``None`` unless
+    ``with_dot``), and ``m2[k]`` :math:`= \sum_i (g_{ik} - \tilde m_k)^2`, the two-pass
+    formula: no cancellation, and the error from rounding the mean, :math:`m(\tilde m_k - \bar
+    g_k)^2`, is of relative size :math:`\epsilon^2 \bar g_k^2/\hat\sigma_k^2`. Five
+    streaming passes over ``G`` (column sums, row norms, dots, centering, squaring) and one
+    more for the column sums of squares; no temporary the size of ``G``. Column sums are
+    matrix-vector products with a vector of ones.
+    """
+    ones = torch.ones(G.shape[0], dtype=G.dtype, device=G.device)
+    s = ones @ G  # a matrix-vector product: about twice as fast on CPU as G.sum(0)
+    sq = torch.linalg.vector_norm(G, dim=1).square_()
+    dot = torch.inner(G, s) if with_dot else None
+    G.sub_(s / G.shape[0])
+    G.mul_(G)
+    return s, ones @ G, sq, dot
 
 
 def grad_noise(
@@ -228,59 +242,76 @@ def grad_noise(
     def grads_of(a, c):
         xs = tuple(x[a:c] for x in inputs)
         ys = None if targets is None else targets[a:c]
-        with differentiable_kernels():  # attention kernels that vmap can batch
-            return per_example_grads(fm, loss_fn, xs, ys, chunk_size=chunk_size, max_bytes=None)
+        # (per_example_grads runs attention on kernels that vmap can batch by itself)
+        return per_example_grads(fm, loss_fn, xs, ys, chunk_size=chunk_size, max_bytes=None)
 
-    # One pass over chunks of per-example gradients (in their own dtype; per-chunk reductions
-    # only, no float64 copy of the b x P gradients): per-coordinate mean and centered sum of
-    # squares combined across chunks (Chan, Golub & LeVeque 1979; numerically stable), and each
-    # example's squared norm per tensor. A second pass (only when chunked) gives g_i . S1.
+    # One pass over chunks of per-example gradients, in their own dtype (per-chunk reductions
+    # only, no float64 copy of the b x P gradients, overwritten in place): per tensor the column
+    # sums and centered sums of squares (_moments), combined across chunks in float64 (Chan,
+    # Golub & LeVeque 1979; numerically stable), and each example's squared norm. Unchunked,
+    # g_i . S1 comes from the same pass (S1 is the column sum); chunked, a second pass over
+    # recomputed gradients gives it. Per-coordinate vectors are kept flat (tensors concatenated
+    # in fm.names order), so every statistic below is one operation on all coordinates.
     dt = torch.float64
-    dev = next(iter(fm.params.values())).device
-    mean = {n: torch.zeros(fm.shapes[n], dtype=dt, device=dev) for n in fm.names}
-    m2 = {n: torch.zeros(fm.shapes[n], dtype=dt, device=dev) for n in fm.names}
-    sq = {n: torch.zeros(b, dtype=dt, device=dev) for n in fm.names}  # |g_i|^2 per tensor
-    dot = {n: torch.zeros(b, dtype=dt, device=dev) for n in fm.names}  # S1 . g_i per tensor
-    kept = None
+    names = fm.names
+    T = len(names)
+    sizes = [math.prod(fm.shapes[n]) for n in names]
+    mean = m2 = None
+    sq_parts, dot_parts = [], []  # per chunk, (T, m): |g_i|^2 and S1 . g_i per tensor
     seen = 0
     for a, c in spans:
         g = grads_of(a, c)
         m = c - a
-        for n in fm.names:
-            gi = g[n].reshape(m, -1)
-            chunk_mean, chunk_m2 = _mean_and_m2(gi)
-            delta = chunk_mean - mean[n].reshape(-1)
+        moments = [_moments(g[n].reshape(m, -1), with_dot=len(spans) == 1) for n in names]
+        del g
+        chunk_mean = torch.cat([r[0] for r in moments]).to(dt) / m
+        chunk_m2 = torch.cat([r[1] for r in moments]).to(dt)
+        sq_parts.append(torch.stack([r[2] for r in moments]))
+        if len(spans) == 1:  # unchunked: S1 is this chunk's column sum
+            dot_parts.append(torch.stack([r[3] for r in moments]))
+        del moments
+        if seen == 0:
+            mean, m2 = chunk_mean, chunk_m2
+        else:
+            delta = chunk_mean - mean
             total = seen + m
-            mean[n] += (delta * (m / total)).reshape(fm.shapes[n])
-            m2[n] += (chunk_m2 + delta**2 * (seen * m / total)).reshape(fm.shapes[n])
-            sq[n][a:c] = torch.linalg.vector_norm(gi, dim=1).to(dt) ** 2
+            mean = mean + delta * (m / total)
+            m2 = m2 + chunk_m2 + delta**2 * (seen * m / total)
         seen += m
-        if len(spans) == 1:
-            kept = g
-    for a, c in spans:
-        g = kept if kept is not None else grads_of(a, c)
-        for n in fm.names:
-            gi = g[n].reshape(c - a, -1)
-            S1 = (b * mean[n]).reshape(-1)
-            dot[n][a:c] = (gi @ S1.to(gi.dtype)).to(dt)
+    if len(spans) > 1:
+        S1 = (b * mean).split(sizes)
+        for a, c in spans:
+            g = grads_of(a, c)
+            dot_parts.append(torch.stack([torch.inner(gi, S1[t].to(gi.dtype))
+                                          for t, gi in enumerate(g[n].reshape(c - a, -1) for n in names)]))
+    sq = torch.cat(sq_parts, 1).to(dt)
+    dot = torch.cat(dot_parts, 1).to(dt)
 
-    def summary(names: list[str]) -> GroupNoise:
-        return _group_summary(
-            torch.cat([mean[n].reshape(-1) for n in names]),
-            torch.cat([m2[n].reshape(-1) for n in names]),
-            sum(sq[n] for n in names),
-            sum(dot[n] for n in names),
-            b,
-        )
+    # per-coordinate statistics, flat; per-tensor sums; groups add the per-tensor sums
+    var = m2 / (b - 1)
+    loo = var / b
+    msq = mean * mean
+    has_var = m2 > 0
+    snr = torch.where(has_var, msq / loo, math.nan)  # 0/0 and x/0 are discarded by where
+    # rows |gbar_k|^2, sigma_k^2, GSNR_k = SNR_k / b (0 where no variance), has variance, gate:
+    # per-tensor sums of all five with one reduction per tensor
+    rows = torch.stack([msq, var, torch.where(has_var, msq / var, 0.0), has_var.to(dt), (msq > loo).to(dt)])
+    per_t = torch.stack([piece.sum(1) for piece in rows.split(sizes, 1)]).cpu().numpy()
+    sums = np.concatenate([per_t[:, :2], per_t[:, 1:2] / b, per_t[:, 2:]], 1)
+    index = {n: t for t, n in enumerate(names)}
+    labels = list(groups)
+    members = [[index[n] for n in groups[label]] for label in labels] + [list(range(T))]
+    summaries = _group_summaries(sums, np.array(sizes, dtype=np.float64), sq.cpu().numpy(),
+                                 dot.cpu().numpy(), members, b)
 
-    var = {n: m2[n] / (b - 1) for n in fm.names}
-    loo = {n: var[n] / b for n in fm.names}
-    snr = {n: torch.where(loo[n] > 0, mean[n] ** 2 / loo[n].clamp_min(1e-300),
-                          torch.full_like(loo[n], math.nan)) for n in fm.names}
+    def per_tensor(flat: Tensor) -> dict[str, Tensor]:
+        return {n: piece.view(fm.shapes[n]) for n, piece in zip(names, flat.split(sizes))}
+
     return GradNoise(
-        mean=mean, variance=var, loo_variance=loo, snr=snr,
-        groups={label: summary(names) for label, names in groups.items()},
-        total=summary(fm.names),
+        mean=per_tensor(mean), variance=per_tensor(var), loo_variance=per_tensor(loo),
+        snr=per_tensor(snr),
+        groups=dict(zip(labels, summaries[:-1])),
+        total=summaries[-1],
         batch_size=b,
     )
 

@@ -48,7 +48,14 @@ from torch import Tensor, nn
 from torch.func import grad
 from torch.func import jvp as _func_jvp
 
-from lmech.core.functional import DEFAULT_MAX_BYTES, FunctionalModel, ParamSelector, flatten, unflatten
+from lmech.core.functional import (
+    DEFAULT_MAX_BYTES,
+    FunctionalModel,
+    ParamSelector,
+    flatten,
+    loss_and_grad,
+    unflatten,
+)
 from lmech.core.linalg import (
     EigenResult,
     SpectralDensity,
@@ -280,6 +287,24 @@ class HessianOperator:
             total = hv if total is None else {n: total[n] + hv[n] for n in hv}
         return total
 
+    def gradient(self) -> Tensor:
+        r"""The loss gradient in the operator's coordinates, :math:`D\,\nabla_w L` (flat; the
+        gradient of :math:`u \mapsto L(D u)`, whose Hessian is :math:`DHD`), without graph.
+
+        Free on the whole-batch path (the cached gradient); with ``batch_size`` one gradient
+        pass over the chunks, :math:`\sum_c \frac{n_c}{n} \nabla L_c`. Not counted in
+        :attr:`num_matvecs`."""
+        if self._grads is not None:
+            g = torch.cat([t.detach().reshape(-1) for t in self._grads])
+        else:
+            g = None
+            for xs, ys, weight in self._chunks:
+                with differentiable_kernels():
+                    _, gc = loss_and_grad(self.fm, self.loss_fn, xs, ys)
+                gc = flatten(gc) * weight
+                g = gc if g is None else g + gc
+        return g if self.scale is None else g * self.scale
+
     def matvec(self, v: Tensor) -> Tensor:
         """:math:`D H D v` for a flat vector ``v`` of length :attr:`dim`."""
         v = v.reshape(-1).to(dtype=self.dtype, device=self.device)
@@ -347,6 +372,7 @@ def sharpness(
     tol: float = 1e-3,
     max_iter: int | None = None,
     v0: Tensor | None = None,
+    start: Literal["gradient", "random"] = "gradient",
     seed: int = 0,
     batch_size: int | None = None,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
@@ -369,6 +395,19 @@ def sharpness(
             eigenvalue).
         max_iter: most HVPs (default ``max(2k + 40, 80)``, capped at the dimension).
         v0: warm start (flat, length ``dim``), e.g. the previous ``eigenvectors[:, 0]``.
+        start: the start vector when ``v0`` is not given. ``"gradient"`` (default):
+            :math:`v_0 = \hat g + \hat z`, the unit loss gradient (in the operator's
+            coordinates, :meth:`HessianOperator.gradient`; free on the whole-batch path) plus a
+            unit Gaussian vector. The gradient of a trained network often lies largely in the
+            span of the top Hessian eigenvectors (Gur-Ari, Roberts & Dyer, *Gradient Descent
+            Happens in a Tiny Subspace*, 2018), so its overlap with them is far above a random
+            vector's :math:`\approx 1/\sqrt{\dim}` and Lanczos needs fewer products (half as
+            many in ``benchmarks/sharpness_vs_pyhessian.py``; not in every case, see
+            ``docs/results/probes.md``); the random half keeps a nonzero overlap
+            with every eigenvector (almost surely) when the gradient has none, e.g. at a
+            stationary point, where a zero or non-finite gradient falls back to the random
+            vector alone. ``"random"``: the Gaussian vector alone. The stopping rule and its
+            certificate do not depend on the start.
         seed: seeds the random start vector (own generator; the global RNG is untouched).
         batch_size: evaluate HVPs in chunks of this many examples (mean-reduced loss only).
         max_bytes: budget for the Lanczos basis.
@@ -390,6 +429,10 @@ def sharpness(
         True
     """
     op = HessianOperator(model, loss_fn, batch, params, preconditioner, batch_size)
+    if start not in ("gradient", "random"):
+        raise ValueError(f"start must be 'gradient' or 'random', got {start!r}")
+    if v0 is None and start == "gradient":
+        v0 = _gradient_start(op, seed)
     res: EigenResult = lanczos(
         op.matvec, op.dim, k, which="LA", tol=tol, max_iter=max_iter, v0=v0, seed=seed,
         dtype=op.dtype, device=op.device, max_bytes=max_bytes, callback=callback,
@@ -403,6 +446,18 @@ def sharpness(
         names=op.names,
         threshold=op.threshold,
     )
+
+
+def _gradient_start(op: HessianOperator, seed: int) -> Tensor | None:
+    """``g/|g| + z/|z|`` (``start="gradient"`` of :func:`sharpness`), ``z`` the same Gaussian
+    vector a random start draws from ``seed``; ``None`` (random start) when ``g`` is zero or
+    not finite."""
+    g = op.gradient().to(op.dtype)
+    norm = torch.linalg.vector_norm(g)
+    if not bool(torch.isfinite(norm)) or float(norm) == 0.0:
+        return None
+    z = torch.randn(op.dim, generator=torch.Generator().manual_seed(seed), dtype=op.dtype).to(op.device)
+    return g / norm + z / torch.linalg.vector_norm(z)
 
 
 def sharpness_per_layer(
@@ -506,8 +561,10 @@ class SharpnessProbe:
     :math:`\lambda_1(P^{-1}H)` hovers at under Adam's edge of stability); with
     ``per_layer=True``: ``lambda_1/<layer>`` for every
     :func:`layer_groups` block. Warm-starts each Lanczos run from the previous Ritz vectors
-    (their sum), which cuts the HVP count when the curvature moves slowly. ``num_examples`` uses
-    the first examples of the probe batch only (cheaper; the Hessian of that subset).
+    (their sum), which cuts the HVP count when the curvature moves slowly; the first
+    measurement starts from the gradient (:func:`sharpness`, ``start="gradient"``). The
+    certificate (``rel_error``) does not depend on the start. ``num_examples`` uses the first
+    examples of the probe batch only (cheaper; the Hessian of that subset).
 
     Example:
         >>> probe = SharpnessProbe(k=2, per_layer=True)

@@ -41,7 +41,7 @@ from lmech.core.linalg import lanczos
 from lmech.probes.base import Cost, TrainState
 
 __all__ = ["PowerLawFit", "power_law_fit", "LayerSpectrum", "weight_spectra", "spectral_norm",
-           "WeightSpectrumProbe"]
+           "spectral_norm_and_vector", "WeightSpectrumProbe"]
 
 
 @dataclass
@@ -150,6 +150,8 @@ def weight_spectra(
     fit_power_law: bool = True,
     singular_values: bool = True,
     min_tail: int = 10,
+    start_vectors: dict[str, Tensor] | None = None,
+    tol: float = 1e-5,
 ) -> dict[str, LayerSpectrum]:
     r"""Spectral readouts of every selected matrix parameter, keyed by parameter name.
 
@@ -164,6 +166,12 @@ def weight_spectra(
             what needs no spectrum, spectral norms by :func:`spectral_norm` (Lanczos), which for
             a 1024 x 1024 matrix is tens of products instead of an SVD; ``singular_values`` and
             ``alpha`` are then ``None``.
+        start_vectors: warm starts for those Lanczos spectral norms
+            (:func:`spectral_norm_and_vector`), ``name -> vector``; updated in place with the
+            new singular vectors, so passing the same dict at every call continues the
+            iteration (same certified tolerance, fewer products).
+        tol: relative residual of those Lanczos runs (:func:`spectral_norm`; :math:`\sigma_1` is
+            accurate to about ``tol / 2``).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(50, 40), nn.ReLU(), nn.Linear(40, 3))
@@ -193,7 +201,10 @@ def weight_spectra(
             if fit_power_law and eig.size >= min_tail:
                 alpha = power_law_fit(eig, min_tail=min_tail)
         else:
-            s1 = spectral_norm(W)
+            s1, vec = spectral_norm_and_vector(W, None if start_vectors is None else start_vectors.get(name),
+                                               tol=tol)
+            if start_vectors is not None and vec is not None:
+                start_vectors[name] = vec
         rel_fro = rel_op = None
         if reference is not None and name in reference:
             W0 = _as_matrix(reference[name])
@@ -201,9 +212,9 @@ def weight_spectra(
                 raise ValueError(f"reference[{name!r}] has shape {tuple(reference[name].shape)}, "
                                  f"expected {tuple(p.shape)}")
             D = W - W0
-            n0f, n0o = float(torch.linalg.matrix_norm(W0)), spectral_norm(W0)
+            n0f, n0o = float(torch.linalg.matrix_norm(W0)), spectral_norm(W0, tol=tol)
             rel_fro = float(torch.linalg.matrix_norm(D)) / n0f if n0f > 0 else math.inf
-            rel_op = spectral_norm(D) / n0o if n0o > 0 else math.inf
+            rel_op = spectral_norm(D, tol=tol) / n0o if n0o > 0 else math.inf
         out[name] = LayerSpectrum(
             shape=tuple(W.shape), singular_values=sv, spectral_norm=s1, frobenius_norm=fro,
             stable_rank=fro**2 / s1**2 if s1 > 0 else 0.0, alpha=alpha,
@@ -215,27 +226,58 @@ def weight_spectra(
 def spectral_norm(W: Tensor, exact_below: int = 64, tol: float = 1e-5) -> float:
     r""":math:`\|W\|_2 = \sigma_1(W)` of a matrix.
 
-    Exact (``svdvals``) when the smaller side is at most ``exact_below``; otherwise
+    Exact when the smaller side is at most ``exact_below`` (:math:`\sqrt{\lambda_1}` of the
+    smaller Gram matrix by a dense symmetric eigensolver: :math:`\lambda_1` has absolute error
+    :math:`O(\epsilon\,\sigma_1^2)`, so :math:`\sigma_1` is accurate to machine precision, and
+    it is about twice as fast as ``svdvals``); otherwise
     :math:`\sqrt{\lambda_1(G)}` with :math:`G = W^\top W` or :math:`W W^\top` (the smaller),
     by Lanczos on the products :math:`v \mapsto W^\top(Wv)` (:func:`lmech.core.lanczos`, fixed
     seed, relative residual ``tol``, so :math:`\sigma_1` is accurate to about ``tol / 2``):
-    tens of matrix-vector products instead of a full SVD.
+    tens of matrix-vector products instead of a full SVD. :func:`spectral_norm_and_vector` also
+    returns the singular vector and takes a warm start.
 
     Example:
         >>> W = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
         >>> round(spectral_norm(W), 6)
         100.0
     """
+    return spectral_norm_and_vector(W, exact_below=exact_below, tol=tol)[0]
+
+
+def spectral_norm_and_vector(W: Tensor, v0: Tensor | None = None, *, exact_below: int = 64,
+                             tol: float = 1e-5) -> tuple[float, Tensor | None]:
+    r""":func:`spectral_norm` with a warm start: returns ``(sigma_1, v)``, ``v`` the unit top
+    eigenvector of the Gram matrix Lanczos ran on (:math:`W^\top W` or :math:`WW^\top`, the
+    smaller side; ``None`` on the exact path), and starts Lanczos from ``v0`` when it is given
+    with the right length (a previous ``v``; otherwise a fixed-seed random vector). The stopping
+    rule is the same residual certificate either way, so a warm start changes the number of
+    products, not the accuracy: when the matrix moved little since ``v0`` was computed, a few
+    products instead of tens.
+
+    Example:
+        >>> W = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
+        >>> s, v = spectral_norm_and_vector(W)
+        >>> s2, _ = spectral_norm_and_vector(W * 1.01, v)     # warm start
+        >>> round(s, 6), round(s2, 6)
+        (100.0, 101.0)
+    """
     M = W.detach().to(torch.float64)
     if M.dim() != 2:
         raise ValueError(f"spectral_norm expects a matrix, got shape {tuple(W.shape)}")
     if min(M.shape) <= exact_below:
-        return float(torch.linalg.matrix_norm(M, 2))
+        G = M.T @ M if M.shape[0] >= M.shape[1] else M @ M.T  # the smaller Gram matrix
+        return math.sqrt(max(float(torch.linalg.eigvalsh(G)[-1]), 0.0)), None
+    if not bool(M.any()):  # the zero matrix (e.g. W - W_ref at the reference): no Krylov space
+        return 0.0, None
     if M.shape[0] < M.shape[1]:
         M = M.T  # now tall: the Gram matrix M^T M is the small side
-    res = lanczos(lambda v: M.T @ (M @ v), M.shape[1], tol=tol, dtype=torch.float64,
-                  return_vectors=False, max_bytes=None)
-    return math.sqrt(max(float(res.eigenvalues[0]), 0.0))
+    n = M.shape[1]
+    if v0 is not None:
+        v0 = v0.detach().reshape(-1).to(torch.float64)
+        if v0.numel() != n or not bool(torch.isfinite(v0).all()) or float(v0.abs().max()) == 0.0:
+            v0 = None
+    res = lanczos(lambda v: M.T @ (M @ v), n, tol=tol, dtype=torch.float64, v0=v0, max_bytes=None)
+    return math.sqrt(max(float(res.eigenvalues[0]), 0.0)), res.eigenvectors[:, 0]
 
 
 class WeightSpectrumProbe:
@@ -247,27 +289,37 @@ class WeightSpectrumProbe:
     ``singular_values=True``); global: ``alpha_mean``, ``stable_rank_mean``,
     ``max_spectral_norm``, ``rel_change_fro`` (all matrices together). Keeps one copy of the
     matrices as the reference. Without ``fit_power_law`` and ``singular_values`` no SVD is taken
-    (spectral norms by Lanczos, :func:`spectral_norm`).
+    (spectral norms by Lanczos, :func:`spectral_norm`); the Lanczos runs for :math:`W` and for
+    :math:`W - W_\text{ref}` are warm-started from the previous measurement's singular vectors
+    (:func:`spectral_norm_and_vector`; same certified tolerance, fewer products). ``tol`` is
+    the relative residual of those runs (:math:`\sigma_1` to about ``tol / 2``).
     """
 
     name = "weights"
     cost: Cost = "low"
 
     def __init__(self, *, fit_power_law: bool = True, singular_values: bool = False,
-                 reference: dict[str, Tensor] | None = None):
-        self.fit_power_law, self.singular_values = fit_power_law, singular_values
+                 reference: dict[str, Tensor] | None = None, tol: float = 1e-5):
+        self.fit_power_law, self.singular_values, self.tol = fit_power_law, singular_values, tol
         self.reference = None if reference is None else {n: t.detach().clone() for n, t in reference.items()}
         self._ref_norms: dict[str, tuple[float, float]] | None = None
+        self._start: dict[str, Tensor] = {}  # warm starts of the Lanczos spectral norms of W
+        self._start_delta: dict[str, Tensor] = {}  # ... and of W - W_ref
 
     def measure(self, state: TrainState) -> dict[str, float | Tensor]:
         if self.reference is None:
             fm = FunctionalModel(state.model, state.params)
             self.reference = {n: p.detach().clone() for n, p in fm.params.items() if p.dim() >= 2}
         if self._ref_norms is None:  # reference norms once, not at every measurement
-            self._ref_norms = {n: (float(torch.linalg.matrix_norm(_as_matrix(w))), spectral_norm(_as_matrix(w)))
-                               for n, w in self.reference.items()}
+            self._ref_norms = {}
+            for n, w in self.reference.items():
+                op, vec = spectral_norm_and_vector(_as_matrix(w), tol=self.tol)
+                self._ref_norms[n] = (float(torch.linalg.matrix_norm(_as_matrix(w))), op)
+                if vec is not None and n not in self._start:  # W starts near W_ref: warm start
+                    self._start[n] = vec
         spec = weight_spectra(state.model, state.params, fit_power_law=self.fit_power_law,
-                              singular_values=self.fit_power_law or self.singular_values)
+                              singular_values=self.fit_power_law or self.singular_values,
+                              start_vectors=self._start, tol=self.tol)
         out: dict[str, float | Tensor] = {}
         alphas, ranks, num, den = [], [], 0.0, 0.0
         for name, s in spec.items():
@@ -282,7 +334,10 @@ class WeightSpectrumProbe:
                 ref_fro, ref_op = self._ref_norms[name]
                 d_fro = float(torch.linalg.matrix_norm(D))
                 out[f"rel_change_fro/{name}"] = d_fro / ref_fro if ref_fro > 0 else math.inf
-                out[f"rel_change_op/{name}"] = spectral_norm(D) / ref_op if ref_op > 0 else math.inf
+                d_op, vec = spectral_norm_and_vector(D, self._start_delta.get(name), tol=self.tol)
+                if vec is not None:
+                    self._start_delta[name] = vec
+                out[f"rel_change_op/{name}"] = d_op / ref_op if ref_op > 0 else math.inf
                 num += d_fro**2
                 den += ref_fro**2
             if self.singular_values and s.singular_values is not None:

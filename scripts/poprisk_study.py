@@ -160,7 +160,9 @@ def _fmt(v) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     if isinstance(v, float):
-        return "not reached" if math.isinf(v) else f"{v:.4g}"
+        if math.isinf(v):
+            return "not reached"
+        return str(int(v)) if v.is_integer() and abs(v) < 1e9 else f"{v:.4g}"
     return str(v)
 
 
@@ -317,8 +319,44 @@ def proxy_section(out: Path) -> str:
 
 
 def transformer_section(out: Path) -> str:
-    return sweep_section("transformer", out, ["step_to_95", "step_to_99", "final_test_acc", "steps_run",
-                                              "wall_time_s"], ("train_acc", "gate_mean"))
+    table = sweep_section("transformer", out, ["step_to_95", "step_to_99", "final_test_acc", "steps_run",
+                                               "wall_time_s"], ("train_acc", "gate_mean"))
+    return table + "\n" + transformer_figure(out)
+
+
+def transformer_figure(out: Path) -> str:
+    """Held-out and training accuracy, weight norm and mean gate of the transformer runs, by step."""
+    from lmech.experiments.base import ConfigError
+    from lmech.report.figures import plt
+    from lmech.runs import RunStore
+    from lmech.sweeps import summary
+
+    try:
+        runs = summary("transformer", out=out).to_dict("records")
+    except ConfigError:
+        return ""
+    store = RunStore(out)
+    colors = {"adamw": "black", "poprisk": "tab:green", "grokfast": "tab:purple"}
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+    for r in runs:
+        if r["state"] not in ("done", "diverged", "incomplete", "running"):
+            continue
+        m = store.metrics(r["run_id"], wide=True)
+        m = m[m["step"] > 0]
+        for ax, key in zip(axes, ("test_acc", "train_acc", "weight_norm", "gate_mean")):
+            if key in m.columns:
+                d = m[["step", key]].dropna()
+                ax.plot(d["step"], d[key], color=colors.get(r["optimizer"], "gray"), lw=1.0,
+                        label=f"{r['optimizer']} ({r['state']})")
+    for ax, title in zip(axes, ("held-out accuracy", "train accuracy", "weight norm ||w||", "mean gate q")):
+        ax.set(xlabel="step", title=title)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle("a/b mod 97, 25% train, 2-layer transformer, lr 1e-3, weight decay 1.0, seed 0")
+    fig.tight_layout()
+    fig.savefig(DOCS / "poprisk-transformer.png", dpi=110)
+    plt.close(fig)
+    return "![transformer](poprisk-transformer.png)\n"
 
 
 def main(argv=None) -> None:

@@ -185,9 +185,11 @@ def test_failed_diverged_and_dead_runs_do_not_stop_the_sweep(store_root, toy):
 def test_failed_runs_rerun_only_with_retry_failed(store_root, toy):
     kwargs = dict(grid={"mode": ["ok", "raise"]}, seeds=1, workers=2, out=store_root, progress=False)
     first = run_sweep(toy, **kwargs)
+    assert first["state"].tolist() == ["done", "failed"], first[["mode", "state", "message"]].to_dict("records")
     failed_id = first.set_index("mode").loc["raise", "run_id"]
     again = run_sweep(toy, **kwargs)
-    assert not again["ran"].any() and again["state"].tolist() == ["done", "failed"]
+    assert not again["ran"].any() and again["state"].tolist() == ["done", "failed"], \
+        again[["mode", "state", "message", "ran"]].to_dict("records")
     retried = run_sweep(toy, retry_failed=True, **kwargs)
     assert retried["ran"].tolist() == [False, True] and retried["state"].tolist() == ["done", "failed"]
     # the earlier attempt was moved aside, whole; the store still has one folder and one row per id

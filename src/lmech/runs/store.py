@@ -298,17 +298,28 @@ class RunStore:
         with self._db() as con:
             self._upsert(con, meta, status)
 
+    def _run_folders(self) -> set[str]:
+        # dot-folders are not runs: .staging-* (a create cut short) and .attempts (moved-aside runs)
+        return {p.name for p in self.root.iterdir() if not p.name.startswith(".") and (p / "config.json").exists()}
+
     def _heal_index(self) -> None:
         """Add folders the index lacks and drop rows whose folder is gone.
 
         Creating and retiring a run each pair a rename with an index write inside one SQLite
-        transaction, so only a process killed in the microseconds between the rename and the commit
-        leaves the two out of step; opening the store repairs that from the folders.
+        transaction, so only a process killed between the rename and the commit leaves the two out
+        of step; opening the store repairs that from the folders. The repair re-reads both under
+        SQLite's write lock, which a create or retire holds from its index write to its commit, so
+        it never sees one of those half done.
         """
-        folders = {p.name for p in self.root.iterdir()
-                   if not p.name.startswith(".") and (p / "config.json").exists()}
         with self._db() as con:
             ids = {row[0] for row in con.execute("SELECT id FROM runs")}
+        if ids == self._run_folders():
+            return
+        with self._db() as con:
+            if not con.in_transaction:
+                con.execute("BEGIN IMMEDIATE")
+            ids = {row[0] for row in con.execute("SELECT id FROM runs")}
+            folders = self._run_folders()
             for run_id in sorted(folders - ids):
                 meta = json.loads((self.root / run_id / "config.json").read_text())
                 self._upsert(con, meta, self._read_status(self.root / run_id))
@@ -319,12 +330,11 @@ class RunStore:
         rows = 0
         with self._db() as con:
             con.execute("DELETE FROM runs")
-        for folder in sorted(self.root.iterdir()) if self.root.exists() else []:
-            # dot-folders are not runs: .staging-* (a create cut short) and .attempts (moved-aside runs)
-            if not folder.name.startswith(".") and (folder / "config.json").exists():
-                meta = json.loads((folder / "config.json").read_text())
-                self._index_upsert(meta, self._read_status(folder))
-                rows += 1
+        for name in sorted(self._run_folders()) if self.root.exists() else []:
+            folder = self.root / name
+            meta = json.loads((folder / "config.json").read_text())
+            self._index_upsert(meta, self._read_status(folder))
+            rows += 1
         return rows
 
     # -- creating --------------------------------------------------------------------------------

@@ -235,10 +235,39 @@ def sweep_section(name: str, out: Path, cols: list[str], last: tuple[str, ...] =
     return _table(df, [*grid, "seed", "state", *present]) + "\n"
 
 
+CURVE_PANELS = (("test_acc", "held-out accuracy"), ("train_acc", "train accuracy"),
+                ("weight_norm", "weight norm ||w||"), ("gate_mean", "mean gate q"))
+
+
+def curve_panels(store, curves: list[tuple[str, str, str, str]], title: str, name: str, log: bool) -> str:
+    """One row of the four CURVE_PANELS for runs ``(label, run_id, color, linestyle)``, saved as
+    ``docs/results/<name>.png``; ``log``: log-scaled step axis and gate axis."""
+    from lmech.report.figures import plt
+
+    fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(18, 3.8))
+    for label, run_id, color, ls in curves:
+        m = store.metrics(run_id, wide=True)
+        m = m[m["step"] > 0]
+        for ax, (key, _) in zip(axes, CURVE_PANELS):
+            if key in m.columns:
+                d = m[["step", key]].dropna()
+                ax.plot(d["step"], d[key], color=color, ls=ls, lw=1.2 if log else 1.0, label=label)
+    for ax, (_, panel) in zip(axes, CURVE_PANELS):
+        ax.set(xlabel="step", title=panel, xscale="log" if log else "linear")
+        ax.grid(alpha=0.3)
+    if log:
+        axes[-1].set_yscale("log")
+    axes[0].legend(fontsize=7 if log else 8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(DOCS / f"{name}.png", dpi=110)
+    plt.close(fig)
+    return f"![{name}]({name}.png)"
+
+
 def mechanism_figure(out: Path) -> str:
     """Grokking MLP at lr 3e-3, wd 1: AdamW and the PopRiskAdamW ablation runs, curves side by side."""
     from lmech.experiments.base import ConfigError
-    from lmech.report.figures import plt
     from lmech.runs import RunStore
     from lmech.sweeps import summary
 
@@ -247,9 +276,7 @@ def mechanism_figure(out: Path) -> str:
         tuned = summary("poprisk-grokking-mlp.adamw.tune", out=out).to_dict("records")
     except ConfigError:
         return "*not run yet*"
-    store = RunStore(out)
     adamw = [r for r in tuned if r["lr"] == 3e-3 and r["weight_decay"] == 1.0]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
     curves = [("AdamW", adamw[0]["run_id"], "black", "-")] if adamw else []
     colors = {("soft", "fresh"): "tab:red", ("soft", "finite"): "tab:orange", ("snr", "fresh"): "tab:blue",
               ("snr", "finite"): "tab:green"}
@@ -258,22 +285,8 @@ def mechanism_figure(out: Path) -> str:
             continue
         label = f"{r['gate']}, alpha {r['alpha']}, wd {'gated' if r['gate_weight_decay'] else 'ungated'}"
         curves.append((label, r["run_id"], colors[(r["gate"], r["alpha"])], "--" if r["gate_weight_decay"] else "-"))
-    for label, run_id, color, ls in curves:
-        m = store.metrics(run_id, wide=True)
-        m = m[m["step"] > 0]
-        for ax, key in zip(axes, ("test_acc", "train_acc", "weight_norm", "gate_mean")):
-            if key in m.columns:
-                ax.plot(m["step"], m[key], color=color, ls=ls, lw=1.2, label=label)
-    for ax, key in zip(axes, ("held-out accuracy", "train accuracy", "weight norm ||w||", "mean gate q")):
-        ax.set(xlabel="step", title=key, xscale="log")
-        ax.grid(alpha=0.3)
-    axes[3].set_yscale("log")
-    axes[0].legend(fontsize=7)
-    fig.suptitle("grokking MLP, a+b mod 97, 30% train, lr 3e-3, weight decay 1.0, seed 0")
-    fig.tight_layout()
-    fig.savefig(DOCS / "poprisk-grokking-mechanism.png", dpi=110)
-    plt.close(fig)
-    return "![mechanism](poprisk-grokking-mechanism.png)"
+    return curve_panels(RunStore(out), curves, "grokking MLP, a+b mod 97, 30% train, lr 3e-3, weight decay 1.0, seed 0",
+                        "poprisk-grokking-mechanism", log=True)
 
 
 GROK_LAST = ("train_acc", "weight_norm", "gate_mean", "gate_closed_fraction")
@@ -327,7 +340,6 @@ def transformer_section(out: Path) -> str:
 def transformer_figure(out: Path) -> str:
     """Held-out and training accuracy, weight norm and mean gate of the transformer runs, by step."""
     from lmech.experiments.base import ConfigError
-    from lmech.report.figures import plt
     from lmech.runs import RunStore
     from lmech.sweeps import summary
 
@@ -335,28 +347,11 @@ def transformer_figure(out: Path) -> str:
         runs = summary("transformer", out=out).to_dict("records")
     except ConfigError:
         return ""
-    store = RunStore(out)
     colors = {"adamw": "black", "poprisk": "tab:green", "grokfast": "tab:purple"}
-    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
-    for r in runs:
-        if r["state"] not in ("done", "diverged", "incomplete", "running"):
-            continue
-        m = store.metrics(r["run_id"], wide=True)
-        m = m[m["step"] > 0]
-        for ax, key in zip(axes, ("test_acc", "train_acc", "weight_norm", "gate_mean")):
-            if key in m.columns:
-                d = m[["step", key]].dropna()
-                ax.plot(d["step"], d[key], color=colors.get(r["optimizer"], "gray"), lw=1.0,
-                        label=f"{r['optimizer']} ({r['state']})")
-    for ax, title in zip(axes, ("held-out accuracy", "train accuracy", "weight norm ||w||", "mean gate q")):
-        ax.set(xlabel="step", title=title)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("a/b mod 97, 25% train, 2-layer transformer, lr 1e-3, weight decay 1.0, seed 0")
-    fig.tight_layout()
-    fig.savefig(DOCS / "poprisk-transformer.png", dpi=110)
-    plt.close(fig)
-    return "![transformer](poprisk-transformer.png)\n"
+    curves = [(f"{r['optimizer']} ({r['state']})", r["run_id"], colors.get(r["optimizer"], "gray"), "-")
+              for r in runs if r["state"] in ("done", "diverged", "incomplete", "running")]
+    return curve_panels(RunStore(out), curves, "a/b mod 97, 25% train, 2-layer transformer, lr 1e-3, weight decay 1.0, "
+                        "seed 0", "poprisk-transformer", log=False) + "\n"
 
 
 def main(argv=None) -> None:

@@ -621,8 +621,8 @@ class NTKProbe:
         if isinstance(targets, Tensor) and targets.shape[0] >= n:
             try:
                 out["target_alignment"] = kernel_target_alignment(K, targets[:n])
-            except ValueError:
-                pass
+            except ValueError:  # targets whose shape does not fit the kernel (e.g. per-token labels
+                pass            # of a traced kernel): no alignment to report, the rest still is
         if "global" not in self._ref:
             self._ref["global"] = K
         drift = kernel_drift(K, self._ref["global"])

@@ -108,6 +108,22 @@ def test_sweep_curves_figure_medians_match_pandas(shared):
     assert lines[1].get_ydata().tolist() == pytest.approx(want.tolist())
 
 
+def test_sweep_figures_order_lines_by_grid_value_not_load_order():
+    # runs load in no fixed order; the legend must not follow it (a CI failure once showed lr=0.01 first)
+    rows = [{"run_id": f"r{lr}-{d}-{s}", "seed": s, "lr": lr, "depth": d, "state": "done", "y": lr + s}
+            for lr in (0.01, 0.001, 0.1) for d in (4, 2) for s in (0, 1)]
+    table = pd.DataFrame(rows)
+    metrics = pd.DataFrame([{"run_id": r["run_id"], "step": step, "loss": r["y"] + step} for r in rows
+                            for step in (1, 2)])
+    for shuffled in (table, table.iloc[::-1], table.sample(frac=1, random_state=3)):
+        fig = sweep_result_figure(shuffled, ["lr", "depth"], "y")
+        assert [line.get_label() for line in fig.axes[0].lines] == ["depth=2", "depth=4"]
+        assert [line.get_label() for line in fig.axes[1].lines] == ["lr=0.001", "lr=0.01", "lr=0.1"]
+        curves = sweep_curves_figure(metrics.sample(frac=1, random_state=5), shuffled, ["lr"], "loss")
+        assert [line.get_label() for line in curves.axes[0].lines] == ["lr=0.001 (n=4)", "lr=0.01 (n=4)",
+                                                                       "lr=0.1 (n=4)"]
+
+
 # -- targets and the CLI ---------------------------------------------------------------------------
 def test_targets_resolve_to_runs_sweeps_and_folders(shared):
     assert build.resolve_target(shared.run_id, shared.root)[0::2] == ("run", shared.run_id)

@@ -183,6 +183,29 @@ def _numeric_axis(values: Sequence) -> tuple[bool, bool]:
     return True, bool((nums > 0).all() and nums.max() / nums.min() >= 10)
 
 
+def _ordered_groups(frame: pd.DataFrame, keys: list[str]) -> list[tuple[tuple, pd.DataFrame]]:
+    """``frame`` grouped by ``keys``, in ascending order of the key values (numbers by value, other
+    values by their text), so a figure's lines and legend do not depend on the order in which runs
+    happened to be loaded."""
+    if not keys:
+        return [((), frame)]
+
+    def order(item):
+        combo = item[0] if isinstance(item[0], tuple) else (item[0],)
+        return tuple(_sort_key(v) for v in combo)
+
+    groups = sorted(frame.groupby(keys, sort=False, dropna=False), key=order)
+    return [(combo if isinstance(combo, tuple) else (combo,), part) for combo, part in groups]
+
+
+def _sort_key(value) -> tuple:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return (1, 0.0, str(value))
+    return (0, number, "") if np.isfinite(number) else (1, 0.0, str(value))
+
+
 def _spread_stats(frame: pd.DataFrame, by: list[str], metric: str) -> pd.DataFrame:
     return (frame.groupby(by, sort=False, dropna=False)[metric]
             .agg(median="median", lo="min", hi="max", n="count").reset_index())
@@ -212,11 +235,9 @@ def sweep_result_figure(summary: pd.DataFrame, grid_keys: list[str], metric: str
         if numeric:
             values = sorted(values, key=float)
         position = {v: (float(v) if numeric else i) for i, v in enumerate(values)}
-        combos = finished.groupby(others, sort=False, dropna=False) if others else [((), finished)]
-        for n_line, (combo, part) in enumerate(combos):
+        for n_line, (combo, part) in enumerate(_ordered_groups(finished, others)):
             if n_line >= max_lines:
                 break
-            combo = combo if isinstance(combo, tuple) else (combo,)
             label = ", ".join(f"{k}={v}" for k, v in zip(others, combo)) or metric
             stats = _spread_stats(part, [key], metric)  # n counts the runs with a value
             stats["total"] = stats[key].map(part[key].value_counts())
@@ -272,11 +293,9 @@ def sweep_curves_figure(metrics: pd.DataFrame, summary: pd.DataFrame, grid_keys:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     logx = log_steps(data["step"])
-    groups = data.groupby(keys, sort=False, dropna=False) if keys else [((), data)]
-    for n_line, (combo, part) in enumerate(groups):
+    for n_line, (combo, part) in enumerate(_ordered_groups(data, keys)):
         if n_line >= max_lines:
             break
-        combo = combo if isinstance(combo, tuple) else (combo,)
         stats = _spread_stats(part, ["step"], metric).sort_values("step")
         if logx:
             stats = stats[stats["step"] > 0]

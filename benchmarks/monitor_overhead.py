@@ -84,9 +84,9 @@ def main():
           f"every {args.every} ({len(mon.history.records)} measurements)")
     print(f"  without monitor: {a:.2f} s (runs: {', '.join(f'{t:.2f}' for t in plain)})")
     print(f"  with monitor:    {b:.2f} s (runs: {', '.join(f'{t:.2f}' for t in monitored)})")
-    print("  seconds per measurement, by probe (last run): "
-          + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in per_probe.items()))
-    print(f"  monitor time in the last run: {mon.seconds:.2f} s ({mon.seconds / len(mon.history.records):.3f} s "
+    print("  milliseconds per measurement, by probe (median, last run): "
+          + ", ".join(f"{k} {1e3 * statistics.median(v):.2f}" for k, v in per_probe.items()))
+    print(f"  monitor time in the last run: {mon.seconds:.3f} s ({1e3 * mon.seconds / len(mon.history.records):.2f} ms "
           f"per measurement, probes and bookkeeping)")
     print("  loss curves identical: yes")
     ca, cb = statistics.median(cpu_plain), statistics.median(cpu_monitored)

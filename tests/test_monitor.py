@@ -173,3 +173,29 @@ def test_bad_arguments():
         Monitor(model, F.cross_entropy, (x, y), sinks=[42])
     with pytest.raises(ValueError, match="needs the optimizer"):
         Monitor(model.eval(), F.cross_entropy, (x, y), probes=[SharpnessProbe(preconditioned=True)]).step(0)
+
+
+def test_numpy_blas_runs_on_torch_thread_count_during_a_measurement():
+    """OpenBLAS threads started by a probe's eigensolve would spin on other cores while a
+    one-thread training run goes on; inside a measurement BLAS gets torch's thread count."""
+    from threadpoolctl import threadpool_info
+
+    def blas_threads():
+        return [lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"]
+
+    class Spy:
+        name, cost = "spy", "low"
+
+        def measure(self, state):
+            self.seen = blas_threads()
+            return {}
+
+    spy, before, threads = Spy(), blas_threads(), torch.get_num_threads()
+    net = nn.Linear(3, 2)
+    torch.set_num_threads(1)
+    try:
+        Monitor(net, nn.functional.mse_loss, (torch.randn(8, 3), torch.randn(8, 2)), probes=[spy]).step(0)
+    finally:
+        torch.set_num_threads(threads)
+    assert spy.seen and all(n == 1 for n in spy.seen)
+    assert blas_threads() == before  # restored afterwards

@@ -17,33 +17,39 @@ Guarantees (tested): during a measurement every module is put in ``eval()`` mode
 ``training`` flag restored afterwards; parameters, buffers, ``.grad`` fields and the optimizer
 state are only read; the torch (CPU and CUDA), NumPy and Python ``random`` generator states are
 saved before and restored after, so a run with a Monitor attached produces the same losses, bit
-for bit, as the same run without it.
+for bit, as the same run without it. During a measurement NumPy's BLAS (the small LAPACK solves
+inside Lanczos) runs on at most ``torch.get_num_threads()`` threads (``threadpoolctl``): a run
+limited to one thread stays on one core. Without the limit OpenBLAS started a thread pool on the
+first eigensolve of size 60 or more, whose threads then spun on the second core while training went
+on (measured: 22% more process CPU time than wall time in ``benchmarks/monitor_overhead.py``).
 
 Presets (``probes=``):
 
 * ``"economy"`` — meant to run every 100 steps. Per measurement it computes:
 
   - ``probe/``: the loss (and accuracy) on the whole probe batch, one forward pass;
-  - ``gradnoise/``: gradient noise on the first 32 examples (one ``vmap`` pass of per-example
-    gradients, 32 x P numbers): SNR, mean GSNR, gate fraction, signal, noise scale with
-    jackknife standard errors, globally and per layer;
+  - ``gradnoise/``: gradient noise on the first 32 examples: SNR, mean GSNR, gate fraction,
+    signal, noise scale with jackknife standard errors, globally and per layer. On a model
+    whose parameters all sit in ``nn.Linear`` layers (an MLP) from one forward and backward pass
+    by the outer-product structure of their gradients (:func:`lmech.probes.grad_noise`,
+    ``method="linear"``); otherwise from the ``vmap`` per-example gradients (32 x P numbers);
   - ``weights/``: per weight matrix the spectral norm (exact through the Gram matrix when a
     side is at most 64, otherwise Lanczos on :math:`W^\top W` to a certified relative residual
     of 1e-3, warm-started from the previous measurement's singular vector), stable rank, and the
     Frobenius and spectral relative change from the first measurement; no SVD, no tail fit;
   - ``sharpness/``: the top Hessian eigenvalue on the first 64 examples, one gradient with
-    ``create_graph`` plus at most 5 HVPs (Lanczos, tolerance 2e-2), warm-started from the
-    previous measurement's eigenvector (the first from the gradient), so the iteration
-    continues across measurements; ``sharpness/rel_error`` is the certified bound reached.
+    ``create_graph`` plus at most 4 HVPs (Lanczos to a certified relative residual of 3e-2),
+    warm-started from the previous measurement's eigenvector (the first from the gradient), so
+    the iteration continues across measurements; ``sharpness/rel_error`` is the certified bound
+    reached. Measured over 5,000 AdamW steps of the benchmark's MLP (50 measurements against a
+    converged Lanczos): median actual error 7e-4 (2e-4 at a residual of 2e-2 and at most 5 HVPs,
+    which cost 0.4 HVP more per measurement).
 
-  Cost (``benchmarks/monitor_overhead.py --repeats 5``: MLP 40-256-256-10, AdamW, batch 128,
-  CPU, one thread, a training step about 1.2 ms): 15-16 ms per measurement (gradient noise 5-6,
-  sharpness 6, weights 2, loss under 1; the Monitor's own bookkeeping about 0.3), i.e. 12-13% of
-  training time at ``every=100`` (within-run ratio) on a shared, loaded machine (load average
-  2.5); about 13 training steps per measurement. Gradient noise costs the ``vmap`` pass writing
-  the 32 x P per-example gradients (2.5-3 ms, a third of it fixed ``torch.func`` overhead) and
-  six streaming passes over them (about 1.4 ms), sharpness up to 6 backward passes on 64
-  examples.
+  Cost (``benchmarks/monitor_overhead.py --repeats 7``: MLP 40-256-256-10, AdamW, batch 128,
+  CPU, one thread, a training step about 1.05 ms): about 10 ms per measurement (sharpness
+  4-5, gradient noise 2.5, weights 2, loss 0.6), i.e. about 10% of training time at
+  ``every=100`` (docs/results/probes.md has the measured figures). Sharpness is the floor:
+  each HVP on 64 examples is about 1 ms of matrix products.
 * ``"full"`` — everything: top-3 Hessian eigenvalues (Adam-preconditioned too when an Adam-type
   optimizer is passed to :meth:`Monitor.step`) with per-layer values, Hessian trace and spectral
   density, the NTK on 64 examples with per-layer traces and drift, gradient noise with per-layer
@@ -111,7 +117,7 @@ def preset(name: Literal["economy", "full"]) -> list[Probe]:
     if name == "economy":
         return [LossProbe(), GradNoiseProbe(per_layer=True, num_examples=32),
                 WeightSpectrumProbe(fit_power_law=False, tol=1e-3),
-                SharpnessProbe(k=1, tol=2e-2, max_iter=5, num_examples=64)]
+                SharpnessProbe(k=1, tol=3e-2, max_iter=4, num_examples=64)]
     if name == "full":
         return [LossProbe(), SharpnessProbe(k=3, preconditioned="auto", per_layer=True),
                 HessianTraceProbe(num_matvecs=30), SpectralDensityProbe(),
@@ -229,6 +235,20 @@ def _as_sink(s) -> Sink:
 # --------------------------------------------------------------------------------------------
 
 
+_BLAS_CONTROLLER = None
+
+
+def _blas_threads(limit: int):
+    """Context limiting NumPy/SciPy BLAS to ``limit`` threads. The controller (which scans the
+    loaded libraries, about 0.7 ms) is made once; entering its limit costs about 10 us."""
+    global _BLAS_CONTROLLER
+    if _BLAS_CONTROLLER is None:
+        from threadpoolctl import ThreadpoolController
+
+        _BLAS_CONTROLLER = ThreadpoolController()
+    return _BLAS_CONTROLLER.limit(limits=max(1, limit), user_api="blas")
+
+
 @dataclass
 class _Saved:
     torch_cpu: Tensor
@@ -333,19 +353,20 @@ class Monitor:
                            self.params, self.max_bytes)
         metrics: dict[str, float | Tensor] = {}
         try:
-            for probe in self.probes:
-                t0 = time.perf_counter()
-                try:
-                    values = probe.measure(state)
-                except Exception as e:
-                    if self.on_error == "raise":
-                        raise
-                    warnings.warn(f"probe {probe.name!r} failed at step {step}: {type(e).__name__}: {e}",
-                                  stacklevel=2)
-                    continue
-                for key, value in values.items():
-                    metrics[f"{probe.name}/{key}"] = value
-                metrics[f"{probe.name}/seconds"] = time.perf_counter() - t0
+            with _blas_threads(torch.get_num_threads()):
+                for probe in self.probes:
+                    t0 = time.perf_counter()
+                    try:
+                        values = probe.measure(state)
+                    except Exception as e:
+                        if self.on_error == "raise":
+                            raise
+                        warnings.warn(f"probe {probe.name!r} failed at step {step}: {type(e).__name__}: {e}",
+                                      stacklevel=2)
+                        continue
+                    for key, value in values.items():
+                        metrics[f"{probe.name}/{key}"] = value
+                    metrics[f"{probe.name}/seconds"] = time.perf_counter() - t0
         finally:
             for m, was_training in modes:
                 m.training = was_training

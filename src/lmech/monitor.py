@@ -38,18 +38,23 @@ Presets (``probes=``):
     of 1e-3, warm-started from the previous measurement's singular vector), stable rank, and the
     Frobenius and spectral relative change from the first measurement; no SVD, no tail fit;
   - ``sharpness/``: the top Hessian eigenvalue on the first 64 examples, one gradient with
-    ``create_graph`` plus at most 4 HVPs (Lanczos to a certified relative residual of 3e-2),
+    ``create_graph`` plus at most 4 HVPs (Lanczos to a certified relative residual of 5e-2),
     warm-started from the previous measurement's eigenvector (the first from the gradient), so
     the iteration continues across measurements; ``sharpness/rel_error`` is the certified bound
-    reached. Measured over 5,000 AdamW steps of the benchmark's MLP (50 measurements against a
-    converged Lanczos): median actual error 7e-4 (2e-4 at a residual of 2e-2 and at most 5 HVPs,
-    which cost 0.4 HVP more per measurement).
+    reached (some eigenvalue lies within it). Measured on the benchmark's MLP over 3,000 AdamW
+    steps against a converged Lanczos (``benchmarks/economy_sharpness_accuracy.py``): 2.9 HVPs
+    per measurement, median actual error 1.5e-3 (3.8 HVPs and 1.5e-4 at a residual of 2e-2).
+    When the top eigenvector turns almost orthogonal to the previous one between measurements
+    (once, early in that run), the warm-started iteration returns the next eigenvalue instead
+    (15% low there, at every tolerance tried).
 
-  Cost (``benchmarks/monitor_overhead.py --repeats 7``: MLP 40-256-256-10, AdamW, batch 128,
-  CPU, one thread, a training step about 1.05 ms): about 10 ms per measurement (sharpness
-  4-5, gradient noise 2.5, weights 2, loss 0.6), i.e. about 10% of training time at
-  ``every=100`` (docs/results/probes.md has the measured figures). Sharpness is the floor:
-  each HVP on 64 examples is about 1 ms of matrix products.
+  Cost (``benchmarks/monitor_overhead.py --repeats 9``: MLP 40-256-256-10, AdamW, batch 128,
+  CPU, one thread, a training step about 1.0 ms): about 9.6 ms per measurement (sharpness
+  3.7, gradient noise 2.5, weights 2.0, loss 0.6), 9.5% of training time at ``every=100``
+  within runs, 9.2% after the first measurement (which holds one-time setup); the first
+  training step after a measurement runs about 0.3 ms slower (caches refilled). Sharpness is the
+  floor: each HVP on 64 examples is about 1 ms of matrix products. docs/results/probes.md has
+  the measurements.
 * ``"full"`` — everything: top-3 Hessian eigenvalues (Adam-preconditioned too when an Adam-type
   optimizer is passed to :meth:`Monitor.step`) with per-layer values, Hessian trace and spectral
   density, the NTK on 64 examples with per-layer traces and drift, gradient noise with per-layer
@@ -117,7 +122,7 @@ def preset(name: Literal["economy", "full"]) -> list[Probe]:
     if name == "economy":
         return [LossProbe(), GradNoiseProbe(per_layer=True, num_examples=32),
                 WeightSpectrumProbe(fit_power_law=False, tol=1e-3),
-                SharpnessProbe(k=1, tol=3e-2, max_iter=4, num_examples=64)]
+                SharpnessProbe(k=1, tol=5e-2, max_iter=4, num_examples=64)]
     if name == "full":
         return [LossProbe(), SharpnessProbe(k=3, preconditioned="auto", per_layer=True),
                 HessianTraceProbe(num_matvecs=30), SpectralDensityProbe(),

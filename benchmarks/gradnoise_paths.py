@@ -46,7 +46,7 @@ def main():
         results = {}
         for _ in range(args.repeats):
             for method in times:
-                dt, results[method] = timed(lambda m=method: grad_noise(model, F.cross_entropy, batch, method=m))
+                dt, results[method] = timed(lambda m=method, net=model: grad_noise(net, F.cross_entropy, batch, method=m))
                 times[method].append(dt)
         lin, ref = results["linear"].total, results["vmap"].total
         for field in ("grad_norm_sq", "trace_cov", "snr", "snr_stderr", "mean_gsnr", "noise_scale", "signal"):

@@ -339,7 +339,7 @@ def test_known_losses_give_the_per_example_output_gradients_of_a_batch_of_one(lo
     targets = {"class": torch.randint(0, 5, (9,), generator=g), "logprob": torch.randint(0, 5, (9,), generator=g),
                "real": torch.randn(9, 5, generator=g, dtype=DT), "prob": torch.rand(9, 5, generator=g, dtype=DT),
                "soft": torch.softmax(torch.randn(9, 5, generator=g, dtype=DT), 1)}[kind]
-    assert _batch_scale(loss_fn, targets, 9) is not None
+    assert _batch_scale(loss_fn, out, targets) is not None
     want = fvmap(fgrad(lambda o, y: loss_fn(o[None], y[None])))(out, targets)
     torch.testing.assert_close(_output_grads(loss_fn, out, targets), want)
 
@@ -348,11 +348,13 @@ def test_losses_that_are_not_a_plain_mean_of_examples_use_vmap():
     from lmech.probes.gradnoise import _batch_scale, _output_grads
 
     y = torch.tensor([0, 1, -100, 2])
-    assert _batch_scale(F.cross_entropy, y, 4) is None  # ignored targets: a weighted mean
-    assert _batch_scale(nn.CrossEntropyLoss(weight=torch.ones(3)), y.clamp(min=0), 4) is None
-    assert _batch_scale(nn.BCEWithLogitsLoss(pos_weight=torch.ones(3)), torch.rand(4, 3), 4) is None
-    assert _batch_scale(lambda o, t: F.cross_entropy(o, t), y.clamp(min=0), 4) is None  # unknown callable
     out = torch.randn(4, 3, dtype=DT)
+    assert _batch_scale(F.cross_entropy, out, y) is None  # ignored targets: a weighted mean
+    assert _batch_scale(nn.CrossEntropyLoss(weight=torch.ones(3)), out, y.clamp(min=0)) is None
+    assert _batch_scale(nn.BCEWithLogitsLoss(pos_weight=torch.ones(3)), out, torch.rand(4, 3)) is None
+    assert _batch_scale(lambda o, t: F.cross_entropy(o, t), out, y.clamp(min=0)) is None  # unknown callable
+    assert _batch_scale(F.mse_loss, out[:, :1], torch.randn(4)) is None  # (4, 1) vs (4,): broadcasts to 4 x 4
+    assert _batch_scale(F.mse_loss, out[:, 0], torch.randn(4)) == 4
     e = _output_grads(F.cross_entropy, out, y)  # vmap: each example a batch of one
     ones = torch.stack([torch.autograd.functional.jacobian(lambda o, i=i: F.cross_entropy(o[None], y[i:i + 1]), out[i])
                         for i in range(4)])

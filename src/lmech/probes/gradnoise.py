@@ -48,14 +48,17 @@ Two ways to the same numbers (``method=``):
   \delta_i^\top S a_i`, in float64, with :math:`\sum_i (g_{ik} - \bar g_k)^2 = \sum_i g_{ik}^2 -
   b\bar g_k^2` (float64 from float32 factors: the products are exact, and the cancellation costs
   :math:`\epsilon_{64}\sum_i g_{ik}^2`, below the float32 rounding of the ``"vmap"`` path). The
-  per-example loss gradients :math:`\delta_i` at the output are those of ``loss_fn`` on a batch
-  of one (``vmap`` over the outputs only), as in the general path. Like the general path it
-  assumes the model treats examples independently (true in eval mode). A guard compares
-  :math:`\sum_i g_i` with the autograd gradient of the batch: a weight also used outside its
-  layer (tied, or read directly in ``forward``) fails it and falls back to ``"vmap"``.
+  loss gradients at the output are those of ``loss_fn`` on each example as a batch of one, as in
+  the general path: ``vmap`` over the outputs only, or, for the common mean (sum) losses
+  (``F.cross_entropy``, ``F.mse_loss``, ... and their modules, without class weights or ignored
+  targets), ``b`` (1) times the gradient of the batch loss. Like the general path it assumes the
+  model treats examples independently (true in eval mode). A guard compares :math:`\sum_i g_i`
+  with the autograd gradient of the batch: a weight also used outside its layer (tied, read
+  directly in ``forward``) or a layer output rewritten in place fails it and falls back to
+  ``"vmap"``.
 * ``"auto"`` (default): ``"linear"`` when it applies, else ``"vmap"``; :attr:`GradNoise.method`
-  says which ran. On the Monitor benchmark's MLP (32 examples, 78,858 parameters) ``"linear"``
-  takes about a quarter of the time of ``"vmap"``.
+  says which ran. ``benchmarks/gradnoise_paths.py`` (32 examples): 1.8x faster than ``"vmap"``
+  on the Monitor benchmark's MLP (78,858 parameters), 5.9x on a 1024-wide one (1.1M).
 
 Memory (``"vmap"``): per-example gradients take :math:`b P` numbers; above ``max_bytes`` the batch is processed
 in chunks of examples (two passes: moments first, then each example's dot product with the sum).
@@ -255,25 +258,29 @@ _LOSS_MODULES = (nn.CrossEntropyLoss, nn.NLLLoss, nn.MSELoss, nn.L1Loss, nn.Smoo
                  nn.BCEWithLogitsLoss)
 
 
-def _batch_scale(loss_fn: Callable, targets, b: int) -> int | None:
+def _batch_scale(loss_fn: Callable, out: Tensor, targets) -> int | None:
     """``b`` (mean reduction) or ``1`` (sum) when ``loss_fn`` is a known loss whose batch value
-    is the mean (sum) of its values on each example alone; ``None`` when that is not known.
-    Class weights, ``pos_weight`` and ignored targets break it (weighted means, 0/0 on a batch of
-    one), so those are ``None`` too."""
+    on ``out`` is the mean (sum) of its values on each example alone; ``None`` when that is not
+    known. Class weights, ``pos_weight``, ignored targets (weighted means, 0/0 on a batch of one)
+    and elementwise targets not shaped like the outputs (broadcasting) break it: ``None``."""
     if loss_fn in _MEAN_OF_EXAMPLES:
         reduction = "mean"
-        ignore = -100 if loss_fn in (F.cross_entropy, F.nll_loss) else None
+        classes = loss_fn in (F.cross_entropy, F.nll_loss)
+        ignore = -100 if classes else None
     elif type(loss_fn) in _LOSS_MODULES:
         if getattr(loss_fn, "weight", None) is not None or getattr(loss_fn, "pos_weight", None) is not None:
             return None
         reduction = loss_fn.reduction
+        classes = isinstance(loss_fn, (nn.CrossEntropyLoss, nn.NLLLoss))
         ignore = getattr(loss_fn, "ignore_index", None)
     else:
         return None
+    if not classes and (not isinstance(targets, Tensor) or targets.shape != out.shape):
+        return None  # elementwise losses: targets shaped like the outputs (a broadcast mixes examples)
     if ignore is not None and isinstance(targets, Tensor) and not targets.is_floating_point() \
             and bool((targets == ignore).any()):
         return None
-    return {"mean": b, "sum": 1}.get(reduction)
+    return {"mean": out.shape[0], "sum": 1}.get(reduction)
 
 
 def _output_grads(loss_fn: Callable, out: Tensor, targets) -> Tensor:
@@ -281,7 +288,7 @@ def _output_grads(loss_fn: Callable, out: Tensor, targets) -> Tensor:
     \texttt{loss\_fn}(o_i^{[1]}, y_i^{[1]}) / \partial o_i` with each example a batch of one:
     ``vmap`` over the examples, or for a known mean/sum loss (:func:`_batch_scale`) ``b`` (1)
     times the gradient of the batch loss, the same numbers (tested)."""
-    scale = _batch_scale(loss_fn, targets, out.shape[0])
+    scale = _batch_scale(loss_fn, out, targets)
     if scale is not None:
         o = out.detach().requires_grad_()
         with torch.enable_grad():
@@ -299,7 +306,7 @@ def _linear_layers(fm: FunctionalModel) -> dict[nn.Linear, dict[str, str]] | Non
     or bias of a plain ``nn.Linear`` (its own ``forward``) under one name only (not tied); else
     ``None``."""
     owner = {}
-    for name, module in fm.model.named_modules():
+    for module in fm.model.modules():
         if type(module).forward is nn.Linear.forward:
             for attr in ("weight", "bias"):
                 param = getattr(module, attr, None)
@@ -361,13 +368,13 @@ def _linear_moments(fm: FunctionalModel, loss_fn: Callable, inputs: tuple,
 
     # flat float64 outputs, written layer by layer through views (no concatenation); `mean`
     # holds the column sums S until the end
-    dt = torch.float64
+    dt, device = torch.float64, out.device
     names = fm.names
     sizes = [fm.shapes[n].numel() for n in names]
-    mean, m2 = torch.empty(fm.numel, dtype=dt), torch.empty(fm.numel, dtype=dt)
+    mean, m2 = (torch.empty(fm.numel, dtype=dt, device=device) for _ in range(2))
     views = dict(zip(names, zip(mean.split(sizes), m2.split(sizes))))
     index = {n: t for t, n in enumerate(names)}
-    sq, dot = torch.empty(len(names), b, dtype=dt), torch.empty(len(names), b, dtype=dt)
+    sq, dot = (torch.empty(len(names), b, dtype=dt, device=device) for _ in range(2))
     mismatch = 0.0
     for module, attrs in layers.items():
         a_raw, d_raw = calls[module][0].detach(), deltas[module]

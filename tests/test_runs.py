@@ -182,3 +182,50 @@ def test_opening_the_store_heals_an_index_left_behind_by_a_killed_writer(store_r
     con.close()
     assert ids == sorted([kept.id, lost_row.id])
     assert state == "done"
+
+
+def _open_fresh_store_at(root, start, results):
+    while time.time() < start:  # all processes open the store at the same moment
+        pass
+    try:
+        RunStore(root).create("demo", {"pid": os.getpid()}, seed=0, run_id=f"demo-{os.getpid()}").finish()
+        results.put("ok")
+    except Exception as err:  # noqa: BLE001 - reported to the test
+        results.put(f"{type(err).__name__}: {err}")
+
+
+def test_processes_opening_a_fresh_store_together_all_succeed(tmp_path):
+    """Switching a new index file to WAL needs an exclusive lock that SQLite refuses at once
+    ("database is locked") rather than after the busy timeout; a sweep's workers opening a fresh
+    store together failed on it (CI). Ten fresh stores, four processes each."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    outcomes = []
+    for trial in range(10):
+        root = tmp_path / f"store{trial}"
+        results = ctx.Queue()
+        start = time.time() + 0.2
+        procs = [ctx.Process(target=_open_fresh_store_at, args=(root, start, results)) for _ in range(4)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join(60)
+        outcomes += [results.get(timeout=5) for _ in procs]
+        assert len(RunStore(root).runs()) == 4
+    assert set(outcomes) == {"ok"}, [o for o in outcomes if o != "ok"][:3]
+
+
+def test_a_create_that_fails_leaves_no_staging_folder(store_root, monkeypatch):
+    store = RunStore(store_root)
+    store.create("demo", {"a": 1}, seed=0).finish()
+
+    def locked(*args, **kwargs):
+        raise sqlite3.OperationalError("database is locked")
+
+    monkeypatch.setattr(RunStore, "_upsert", staticmethod(locked))
+    with pytest.raises(sqlite3.OperationalError):
+        store.create("demo", {"a": 2}, seed=0)
+    assert [p.name for p in store_root.iterdir() if p.name.startswith(".")] == []
+    monkeypatch.undo()
+    assert len(RunStore(store_root).runs()) == 1

@@ -136,7 +136,7 @@ def test_worker_refuses_a_config_that_differs_from_the_drivers(store_root):
 def test_sweep_runs_then_resumes_without_rerunning(store_root):
     kwargs = dict(sets=TINY, grid={"lr": [1e-3, 1e-2]}, seeds=2, workers=2, out=store_root, progress=False)
     df = run_sweep("grokking", **kwargs)
-    assert df["state"].tolist() == ["done"] * 4 and df["ran"].all()
+    assert df["state"].tolist() == ["done"] * 4 and df["ran"].all(), df[["run_id", "state", "message"]].to_string()
     assert df["lr"].tolist() == [1e-3, 1e-3, 1e-2, 1e-2] and df["seed"].tolist() == [0, 1, 0, 1]
     assert (df["steps_run"] == 40).all() and df["final_test_acc"].between(0, 1).all()
     store = RunStore(store_root)

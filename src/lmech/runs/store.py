@@ -32,6 +32,7 @@ import datetime as _dt
 import json
 import math
 import os
+import shutil
 import socket
 import sqlite3
 import time
@@ -255,6 +256,37 @@ class Run:
         return False
 
 
+INDEX_LOCK_TIMEOUT_S = 60  # how long a process waits for another's write lock on the index
+
+
+def _prepare_index(con: sqlite3.Connection) -> None:
+    """WAL mode and the ``runs`` table, retried while another process holds the database lock.
+
+    Switching a new database file to WAL needs an exclusive lock, and SQLite answers a competing
+    opener with "database is locked" at once instead of waiting for the busy timeout: the workers
+    of a sweep that open a fresh store together hit it (a CI failure; 47 of 240 openers in a
+    4-process test). So the switch is made only when the file is not in WAL mode yet, and retried
+    with backoff for up to ``INDEX_LOCK_TIMEOUT_S``.
+    """
+    deadline = time.monotonic() + INDEX_LOCK_TIMEOUT_S
+    delay = 0.002
+    while True:
+        try:
+            if con.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                con.execute("PRAGMA journal_mode=WAL")
+            con.execute(
+                "CREATE TABLE IF NOT EXISTS runs (id TEXT PRIMARY KEY, experiment TEXT, sweep TEXT, "
+                "config_hash TEXT, seed INTEGER, state TEXT, message TEXT, last_step INTEGER, "
+                "created TEXT, finished TEXT, config TEXT)"
+            )
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(delay)
+            delay = min(2 * delay, 0.1)
+
+
 @dataclass
 class RunStore:
     """A folder of runs plus its SQLite index. ``RunStore("runs")``."""
@@ -274,14 +306,9 @@ class RunStore:
     @contextmanager
     def _db(self) -> Iterator[sqlite3.Connection]:
         self.root.mkdir(parents=True, exist_ok=True)
-        con = sqlite3.connect(self.index_path, timeout=60)
+        con = sqlite3.connect(self.index_path, timeout=INDEX_LOCK_TIMEOUT_S)
         try:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.execute(
-                "CREATE TABLE IF NOT EXISTS runs (id TEXT PRIMARY KEY, experiment TEXT, sweep TEXT, "
-                "config_hash TEXT, seed INTEGER, state TEXT, message TEXT, last_step INTEGER, "
-                "created TEXT, finished TEXT, config TEXT)"
-            )
+            _prepare_index(con)
             with con:  # one transaction
                 yield con
         finally:
@@ -355,11 +382,15 @@ class RunStore:
         for sub in ("metrics", "arrays", "figures"):
             (staging / sub).mkdir(parents=True)
         atomic_write_json(staging / "config.json", meta)
-        run = Run(self, run_id, staging, meta)
-        run._write_status("running")
-        with self._db() as con:  # the row commits only if the rename happened
-            self._upsert(con, meta, run.status)
-            os.replace(staging, path)
+        try:
+            run = Run(self, run_id, staging, meta)
+            run._write_status("running")
+            with self._db() as con:  # the row commits only if the rename happened
+                self._upsert(con, meta, run.status)
+                os.replace(staging, path)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)  # nothing half-made stays behind
+            raise
         run.path = path
         return run
 

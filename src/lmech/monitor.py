@@ -21,7 +21,8 @@ for bit, as the same run without it. During a measurement NumPy's BLAS (the smal
 inside Lanczos) runs on at most ``torch.get_num_threads()`` threads (``threadpoolctl``): a run
 limited to one thread stays on one core. Without the limit OpenBLAS started a thread pool on the
 first eigensolve of size 60 or more, whose threads then spun on the second core while training went
-on (measured: 22% more process CPU time than wall time in ``benchmarks/monitor_overhead.py``).
+on (``benchmarks/monitor_overhead.py``: process CPU time 22-24% above the plain run's, wall time
+12-15% above).
 
 Presets (``probes=``):
 

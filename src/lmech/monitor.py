@@ -19,10 +19,10 @@ state are only read; the torch (CPU and CUDA), NumPy and Python ``random`` gener
 saved before and restored after, so a run with a Monitor attached produces the same losses, bit
 for bit, as the same run without it. During a measurement NumPy's BLAS (the small LAPACK solves
 inside Lanczos) runs on at most ``torch.get_num_threads()`` threads (``threadpoolctl``): a run
-limited to one thread stays on one core. Without the limit OpenBLAS started a thread pool on the
-first eigensolve of size 60 or more, whose threads then spun on the second core while training went
-on (``benchmarks/monitor_overhead.py``: process CPU time 22-24% above the plain run's, wall time
-12-15% above).
+limited to one thread stays on one core (:func:`lmech.core.threads.blas_threads`). Without the
+limit OpenBLAS started a thread pool on the first eigensolve of size 60 or more, whose threads then
+spun on the second core while training went on (``benchmarks/monitor_overhead.py``: process CPU
+time 22-24% above the plain run's, wall time 12-15% above).
 
 Presets (``probes=``):
 
@@ -78,6 +78,7 @@ import torch
 from torch import Tensor, nn
 
 from lmech.core.functional import ParamSelector
+from lmech.core.threads import blas_threads
 from lmech.probes.base import Cost, Probe, TrainState, split_batch
 
 __all__ = [
@@ -241,20 +242,6 @@ def _as_sink(s) -> Sink:
 # --------------------------------------------------------------------------------------------
 
 
-_BLAS_CONTROLLER = None
-
-
-def _blas_threads(limit: int):
-    """Context limiting NumPy/SciPy BLAS to ``limit`` threads. The controller (which scans the
-    loaded libraries, about 0.7 ms) is made once; entering its limit costs about 10 us."""
-    global _BLAS_CONTROLLER
-    if _BLAS_CONTROLLER is None:
-        from threadpoolctl import ThreadpoolController
-
-        _BLAS_CONTROLLER = ThreadpoolController()
-    return _BLAS_CONTROLLER.limit(limits=max(1, limit), user_api="blas")
-
-
 @dataclass
 class _Saved:
     torch_cpu: Tensor
@@ -359,7 +346,7 @@ class Monitor:
                            self.params, self.max_bytes)
         metrics: dict[str, float | Tensor] = {}
         try:
-            with _blas_threads(torch.get_num_threads()):
+            with blas_threads():
                 for probe in self.probes:
                     t0 = time.perf_counter()
                     try:

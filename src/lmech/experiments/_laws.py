@@ -1,14 +1,12 @@
 """Small helpers shared by the law-catalog entries (deep-linear, saddle-to-saddle, kernel-curves,
 scaling-law, attention-particles, quanta): list parsing, threshold crossings, log-log slopes,
-one-thread BLAS, and an order check row."""
+and an order check row (one-thread BLAS: :func:`lmech.core.threads.blas_threads`)."""
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
-import torch
 
 from lmech.experiments.base import CheckRow, ConfigError
 
@@ -22,19 +20,6 @@ def parse_list(text: str, kind: Callable = float, key: str = "value") -> list:
     if not out:
         raise ConfigError(f"{key} must list at least one value, got {text!r}")
     return out
-
-
-@contextlib.contextmanager
-def blas_threads() -> Iterator[None]:
-    """Limit numpy/scipy BLAS to torch's intra-op thread count for the duration.
-
-    scipy's L-BFGS-B and small eigen-solvers call BLAS on tiny arrays; a multi-threaded OpenBLAS
-    on a busy 2-core machine made them ~40x slower (measured: 113 ms vs 2.6 ms per L-BFGS solve).
-    """
-    from threadpoolctl import threadpool_limits
-
-    with threadpool_limits(limits=max(1, torch.get_num_threads())):
-        yield
 
 
 def first_crossing(t: np.ndarray, y: np.ndarray, level: float, rising: bool = True) -> float | None:

@@ -41,7 +41,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from lmech.experiments._laws import blas_threads, first_crossing
+from lmech.core.threads import blas_threads
+from lmech.experiments._laws import first_crossing
 from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.theory import attention as at
 

@@ -58,7 +58,8 @@ from typing import Literal
 
 import numpy as np
 
-from lmech.experiments._laws import blas_threads, parse_list
+from lmech.core.threads import blas_threads
+from lmech.experiments._laws import parse_list
 from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.tasks import mnist1d
 from lmech.theory import kernels as kr

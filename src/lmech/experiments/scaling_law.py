@@ -45,7 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmech.experiments._laws import blas_threads, parse_list
+from lmech.core.threads import blas_threads
+from lmech.experiments._laws import parse_list
 from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.models import MLP
 from lmech.tasks import mnist1d

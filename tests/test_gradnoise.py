@@ -218,6 +218,8 @@ def relu_mlp(inplace=False):
 
 
 def assert_same_noise(a, b, rtol=1e-4):
+    # rtol 1e-4: "vmap" rounds each per-example gradient to float32 before reducing, "linear"
+    # forms exact float64 products of float32 factors; the gate counts must agree exactly
     for name in a.mean:
         torch.testing.assert_close(a.mean[name], b.mean[name], rtol=rtol, atol=1e-8)
         torch.testing.assert_close(a.variance[name], b.variance[name], rtol=rtol, atol=1e-10)

@@ -264,9 +264,10 @@ def _prepare_index(con: sqlite3.Connection) -> None:
 
     Switching a new database file to WAL needs an exclusive lock, and SQLite answers a competing
     opener with "database is locked" at once instead of waiting for the busy timeout: the workers
-    of a sweep that open a fresh store together hit it (a CI failure; 47 of 240 openers in a
-    4-process test). So the switch is made only when the file is not in WAL mode yet, and retried
-    with backoff for up to ``INDEX_LOCK_TIMEOUT_S``.
+    of a sweep that open a fresh store together hit it (a CI failure; reproduced by
+    ``test_processes_opening_a_fresh_store_together_all_succeed``, which fails without this). So
+    the switch is made only when the file is not in WAL mode yet, and retried with backoff for up
+    to ``INDEX_LOCK_TIMEOUT_S``.
     """
     deadline = time.monotonic() + INDEX_LOCK_TIMEOUT_S
     delay = 0.002

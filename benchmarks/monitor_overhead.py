@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,17 @@ from lmech.models import MLP
 from lmech.tasks import get_task
 
 
-def train(task, steps, width, batch, monitor_kwargs=None, seed=0):
+@dataclass
+class Timed:
+    seconds: float  # wall time of the loop, the Monitor included
+    losses: list[float]
+    monitor: Monitor | None
+    cpu_seconds: float
+    step_seconds: list[float]  # each training step alone
+    first_measurement: float = 0.0  # seconds of the step-0 measurement (holds one-time setup)
+
+
+def train(task, steps, width, batch, monitor_kwargs=None, seed=0) -> Timed:
     torch.manual_seed(seed)
     model = MLP(d_in=40, d_out=10, width=width, depth=2, activation="relu")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
@@ -37,7 +48,7 @@ def train(task, steps, width, batch, monitor_kwargs=None, seed=0):
     if monitor_kwargs is not None:
         mon = Monitor(model, F.cross_entropy, (task.x_train[:256], task.y_train[:256]), **monitor_kwargs)
     gen = torch.Generator().manual_seed(seed)
-    losses, step_seconds = [], []
+    losses, step_seconds, first = [], [], 0.0
     t0, c0 = time.perf_counter(), time.process_time()
     for step in range(steps):
         t_step = time.perf_counter()
@@ -51,8 +62,8 @@ def train(task, steps, width, batch, monitor_kwargs=None, seed=0):
         if mon is not None:
             mon.step(step, optimizer=opt)
             if step == 0:
-                mon.first_seconds = mon.seconds  # the one-time setup is in the first measurement
-    return time.perf_counter() - t0, losses, mon, time.process_time() - c0, step_seconds
+                first = mon.seconds
+    return Timed(time.perf_counter() - t0, losses, mon, time.process_time() - c0, step_seconds, first)
 
 
 def main():
@@ -72,19 +83,20 @@ def main():
     plain, monitored, inside, steady, cpu_plain, cpu_monitored = [], [], [], [], [], []
     after, other, plain_other = [], [], []  # step times: right after a measurement, other steps, plain run
     for _ in range(args.repeats):
-        t, base_losses, _, c, plain_steps = train(task, args.steps, *size)
-        plain.append(t)
-        cpu_plain.append(c)
-        t, losses, mon, c, steps = train(task, args.steps, *size, kwargs)
-        after.append(statistics.median(s for i, s in enumerate(steps) if i % args.every == 1))
-        other.append(statistics.median(s for i, s in enumerate(steps) if i % args.every > 1))
-        plain_other.append(statistics.median(plain_steps[1:]))
+        base = train(task, args.steps, *size)
+        plain.append(base.seconds)
+        cpu_plain.append(base.cpu_seconds)
+        run = train(task, args.steps, *size, kwargs)
+        mon, t = run.monitor, run.seconds
+        after.append(statistics.median(s for i, s in enumerate(run.step_seconds) if i % args.every == 1))
+        other.append(statistics.median(s for i, s in enumerate(run.step_seconds) if i % args.every > 1))
+        plain_other.append(statistics.median(base.step_seconds[1:]))
         monitored.append(t)
-        cpu_monitored.append(c)
+        cpu_monitored.append(run.cpu_seconds)
         inside.append(mon.seconds / (t - mon.seconds))
         count = len(mon.history.records)
-        steady.append((mon.seconds - mon.first_seconds) / (count - 1) * count / (t - mon.seconds))
-        assert losses == base_losses, "the monitor changed the loss curve"
+        steady.append((mon.seconds - run.first_measurement) / (count - 1) * count / (t - mon.seconds))
+        assert run.losses == base.losses, "the monitor changed the loss curve"
     per_probe = {}
     for _, metrics in mon.history.records:
         for k, v in metrics.items():

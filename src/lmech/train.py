@@ -11,19 +11,44 @@ from torch import Tensor, nn
 from lmech.runs.store import DivergedError
 
 
-def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+class Minibatches:
     """Endless index batches: each epoch is a fresh permutation, cut into ``batch_size`` pieces.
 
     ``batch_size >= n`` gives full-batch training (every step sees all ``n`` examples, in order).
+    The ragged tail of each epoch is dropped, so every batch has the same size. The iterator can be
+    checkpointed: :meth:`state_dict` holds the generator's state, the current permutation and the
+    position in it, and :meth:`load_state_dict` continues the very same sequence.
     """
-    if batch_size >= n:
-        full = torch.arange(n)
-        while True:
-            yield full
-    while True:
-        perm = torch.randperm(n, generator=generator)
-        for start in range(0, n - batch_size + 1, batch_size):  # drop the ragged tail: equal-size batches
-            yield perm[start:start + batch_size]
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
+        self.n, self.batch_size, self.generator = int(n), int(batch_size), generator
+        self._perm: Tensor | None = None
+        self._start = 0
+
+    def __iter__(self) -> "Minibatches":
+        return self
+
+    def __next__(self) -> Tensor:
+        if self.batch_size >= self.n:
+            return torch.arange(self.n)
+        if self._perm is None or self._start + self.batch_size > self.n:
+            self._perm = torch.randperm(self.n, generator=self.generator)
+            self._start = 0
+        batch = self._perm[self._start:self._start + self.batch_size]
+        self._start += self.batch_size
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state(), "perm": self._perm, "start": self._start}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        self._perm, self._start = state["perm"], int(state["start"])
+
+
+def minibatches(n: int, batch_size: int, generator: torch.Generator) -> Minibatches:
+    """Endless index batches (:class:`Minibatches`): a fresh permutation each epoch, equal-size batches."""
+    return Minibatches(n, batch_size, generator)
 
 
 @torch.no_grad()

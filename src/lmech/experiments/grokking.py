@@ -10,6 +10,11 @@ mode), the weight norm ||w||_2 and the learning rate. Result: the first evaluate
 held-out accuracy reaches 95% and 99% (``None`` if never). Training stops early once held-out
 accuracy has stayed at or above 99% for ``patience`` steps.
 
+Every ``checkpoint_every`` steps (0: never) the training state (model, optimizer, schedule, batch
+order, RNG, the marks above) is saved in the run folder; a run interrupted and started again under
+the same id (``lmech sweep`` re-runs an incomplete run) continues from its last checkpoint and logs
+exactly what an uninterrupted run would have.
+
 Loss is the mean cross-entropy over the batch (computed in float64 from float32 logits: the
 grokking literature notes float32 softmax underflow slows late-phase learning).
 """
@@ -59,6 +64,7 @@ class GrokkingConfig:
     heads: int = 4
     eval_every: int = 50
     patience: int = 1000
+    checkpoint_every: int = 2000
 
     def validate(self) -> None:
         require(self.p >= 3, f"p must be a prime >= 3, got {self.p}")
@@ -73,6 +79,7 @@ class GrokkingConfig:
         require(self.model != "transformer" or self.width % self.heads == 0,
                 f"width ({self.width}) must be divisible by heads ({self.heads})")
         require(self.eval_every > 0 and self.patience >= 0, "eval_every must be positive, patience >= 0")
+        require(self.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0: never), got {self.checkpoint_every}")
         n_train = round(self.train_fraction * (self.p * self.p if self.op != "/" else self.p * (self.p - 1)))
         validate_optimizer_keys(self, self.batch_size, n_train)
 
@@ -102,12 +109,22 @@ def run(cfg: GrokkingConfig, run, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     batches = minibatches(data.n_train, cfg.batch_size, gen)
 
-    step_95 = step_99 = None
-    above_99_since = None
-    last_good, step = 0, 0
+    step_95 = step_99 = above_99_since = None
+    start = 0
+    resumed = run.resume()
+    if resumed is not None:
+        start, state = resumed
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        batches.load_state_dict(state["batches"])
+        torch.set_rng_state(state["torch_rng"])
+        step_95, step_99, above_99_since = state["marks"]
+    last_good, step = start, start
     model.train()
-    for step in range(cfg.steps + 1):
-        if step % cfg.eval_every == 0 or step == cfg.steps:
+    for step in range(start, cfg.steps + 1):
+        evaluated_before = resumed is not None and step == start  # logged by the attempt that saved it
+        if (step % cfg.eval_every == 0 or step == cfg.steps) and not evaluated_before:
             train = evaluate(model, data.x_train, data.y_train, cross_entropy)
             test = evaluate(model, data.x_test, data.y_test, cross_entropy)
             check_finite(train["loss"], step, last_good)
@@ -123,6 +140,11 @@ def run(cfg: GrokkingConfig, run, seed: int) -> dict:
                 break
         if step == cfg.steps:
             break
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step > start:
+            run.save_checkpoint(step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                       "schedule": schedule.state_dict(), "batches": batches.state_dict(),
+                                       "torch_rng": torch.get_rng_state(),
+                                       "marks": [step_95, step_99, above_99_since]})
         idx = next(batches)
         loss = cross_entropy(model(data.x_train[idx]), data.y_train[idx])
         optimizer.zero_grad(set_to_none=True)

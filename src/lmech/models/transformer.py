@@ -42,6 +42,21 @@ class CausalSelfAttention(nn.Module):
         y = y.transpose(1, 2).reshape(b, t, d)
         return self.resid_drop(self.proj(y))
 
+    def forward_last(self, x: Tensor) -> Tensor:
+        """The output at the last position only, ``(B, T, d_model) -> (B, d_model)``.
+
+        Equal to ``forward(x)[:, -1]``: the last query attends to every position (no mask needed),
+        so only its row of attention, and its output projection, is computed.
+        """
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).split(d, dim=-1)
+        q = q[:, -1:].view(b, 1, self.n_heads, self.d_head).transpose(1, 2)  # (B, H, 1, d_head)
+        k, v = (z.view(b, t, self.n_heads, self.d_head).transpose(1, 2) for z in (k, v))
+        y = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=False, scale=self.scale
+        )
+        return self.resid_drop(self.proj(y.reshape(b, d)))
+
 
 class Block(nn.Module):
     """Pre-LN block: ``x + attn(LN(x))`` then ``x + MLP(LN(x))`` with a GELU MLP."""
@@ -57,6 +72,11 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln1(x))
+        return x + self.drop(self.fc_out(F.gelu(self.fc_in(self.ln2(x)))))
+
+    def forward_last(self, x: Tensor) -> Tensor:
+        """``forward(x)[:, -1]``, ``(B, T, d_model) -> (B, d_model)``, without the other positions' MLP."""
+        x = x[:, -1] + self.attn.forward_last(self.ln1(x))
         return x + self.drop(self.fc_out(F.gelu(self.fc_in(self.ln2(x)))))
 
 
@@ -185,11 +205,15 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: Tensor) -> Tensor:
         h = self._embed(tokens)
-        for block in self.blocks:
+        if self.output == "all" or not self.blocks:
+            for block in self.blocks:
+                h = block(h)
+            return self.unembed(self.ln_f(h if self.output == "all" else h[:, -1]))
+        # output="last": the last block's MLP and projections run at the last position only (its other
+        # positions reach no output); about 28% fewer FLOPs for the grokking model (T = 4)
+        for block in self.blocks[:-1]:
             h = block(h)
-        if self.output == "last":
-            h = h[:, -1]
-        return self.unembed(self.ln_f(h))
+        return self.unembed(self.ln_f(self.blocks[-1].forward_last(h)))
 
     def extra_repr(self) -> str:
         return f"output={self.output!r}"

@@ -10,6 +10,7 @@ Layout of a store rooted at ``ROOT`` (default ``./runs``)::
     ROOT/<run_id>/metrics.parquet  all parts compacted, written when the run ends
     ROOT/<run_id>/figures/*.png    figures
     ROOT/<run_id>/result.json      summary numbers an experiment reports (e.g. step to 95%)
+    ROOT/<run_id>/checkpoint.pt    the training state to continue from (while unfinished; removed when done)
     ROOT/sweeps/<name>.json        a sweep's manifest: its spec and member run ids (lmech.sweeps)
     ROOT/.attempts/<run_id>/<n>/   earlier attempts of a re-run run, moved aside by :meth:`RunStore.retire`
 
@@ -24,6 +25,13 @@ Why it cannot be corrupted by a crash:
   folders: ``RunStore.reindex()`` rebuilds it from them;
 * a run whose ``status.json`` says ``running`` but whose process is gone (same host, pid dead; or no
   heartbeat for ``STALE_AFTER_S``) is reported as ``incomplete``.
+
+How an interrupted run continues: an experiment that checkpoints calls :meth:`Run.save_checkpoint`
+(metrics are flushed first, so the checkpoint never runs ahead of what is on disk). When the run is
+started again under the same id (a sweep re-runs an incomplete run: the old folder is moved to
+``.attempts`` and a new one made), :meth:`Run.resume` finds the newest checkpoint among the earlier
+attempts, copies that attempt's metrics up to the checkpoint's step into the new folder and returns
+the state; the experiment then continues from that step.
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ DEFAULT_ROOT = "runs"
 FLUSH_EVERY_S = 5.0
 STALE_AFTER_S = 600.0
 STATES = ("running", "done", "diverged", "failed", "incomplete")
+CHECKPOINT = "checkpoint.pt"
 
 
 class DivergedError(RuntimeError):
@@ -213,6 +222,59 @@ class Run:
         self._compact()
         self._write_status(state, message)
         self.store._index_upsert(self.meta, self.status)
+        if state in ("done", "diverged"):  # a final result: nothing left to continue from
+            for folder in (self.path, *self.store.attempts(self.id)):
+                (folder / CHECKPOINT).unlink(missing_ok=True)
+
+    # -- continuing ----------------------------------------------------------------------------
+    def save_checkpoint(self, step: int, state: dict) -> None:
+        """Save a training state from which this run can continue after ``step`` (atomically).
+
+        ``state`` holds tensors, numbers, strings and containers of them (``torch.save`` with
+        ``weights_only`` loading: model and optimizer ``state_dict()``s, RNG states). Metrics are
+        flushed first, so every row up to ``step`` is on disk when the checkpoint exists.
+        """
+        import io
+
+        import torch
+
+        self.flush()
+        buffer = io.BytesIO()
+        torch.save({"step": int(step), "state": state}, buffer)
+        atomic_write_bytes(self.path / CHECKPOINT, buffer.getvalue())
+        self.status["checkpoint_step"] = int(step)
+        self._write_status("running")
+
+    def resume(self) -> tuple[int, dict] | None:
+        """Continue from the newest checkpoint of an earlier attempt of this run, if there is one.
+
+        Returns ``(step, state)`` as saved by :meth:`save_checkpoint` and copies that attempt's
+        scalar and array metrics with ``step <= step`` into this run (later rows are dropped: the
+        continued run logs them again). Returns ``None`` when no earlier attempt left a checkpoint.
+        """
+        import torch
+
+        found = None
+        for folder in self.store.attempts(self.id):
+            path = folder / CHECKPOINT
+            if path.exists():
+                try:
+                    saved = torch.load(path, weights_only=True)
+                except Exception:  # noqa: BLE001 - an unreadable checkpoint is skipped, not fatal
+                    continue
+                if found is None or saved["step"] > found[1]["step"]:
+                    found = (folder, saved)
+        if found is None:
+            return None
+        folder, saved = found
+        step = int(saved["step"])
+        for sub, schema, rows in (("metrics", SCALAR_SCHEMA, self._scalars), ("arrays", ARRAY_SCHEMA, self._arrays)):
+            table = _read_parts(folder, sub, schema).to_pydict()
+            rows.extend(row for row in zip(*table.values()) if row[0] <= step)
+        self._last_step = max(self._last_step, step)
+        self.status["resumed_from"] = {"attempt": folder.name, "step": step}
+        self.flush()
+        return step, saved["state"]
 
     # -- internals -----------------------------------------------------------------------------
     def _compact(self) -> None:
@@ -477,7 +539,8 @@ class RunStore:
         """Move a run folder aside (one atomic rename) so that its id can be run again.
 
         The folder goes to ``ROOT/.attempts/<run_id>/<n>`` (n = 1, 2, ...): nothing is deleted, an
-        earlier failed or interrupted attempt stays readable there, and the index row is dropped.
+        earlier failed or interrupted attempt stays readable there, and the index row is dropped
+        (only its training checkpoint is removed, once the run under this id finishes).
         """
         path = self.root / run
         attempts = self.root / ".attempts" / run
@@ -488,6 +551,13 @@ class RunStore:
             con.execute("DELETE FROM runs WHERE id = ?", (run,))
             os.rename(path, target)  # same file system: atomic; fails rather than overwrite
         return target
+
+    def attempts(self, run: str) -> list[Path]:
+        """Earlier attempts of ``run`` moved aside by :meth:`retire`, newest first."""
+        folder = self.root / ".attempts" / run
+        if not folder.is_dir():
+            return []
+        return sorted((p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: -int(p.name))
 
     def mark_failed(self, run: str, message: str) -> dict:
         """Record an unfinished run as failed (its writer died; e.g. a worker process was killed).

@@ -1,0 +1,108 @@
+"""Checkpoints: an interrupted grokking run continues from its last checkpoint and logs exactly what
+an uninterrupted run logs (in-process interruption, and a sweep killed with SIGKILL)."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pandas as pd
+import pytest
+import torch
+
+from lmech.experiments import run_experiment
+from lmech.runs import RunStore
+from lmech.sweeps import run_sweep
+from lmech.train import minibatches
+
+# a grokking run of about a second that checkpoints every 50 steps
+SMALL = {"model": "mlp", "p": 11, "op": "+", "train_fraction": 0.5, "steps": 300, "eval_every": 10, "width": 16,
+         "batch_size": 16, "checkpoint_every": 50, "patience": 10_000}
+ARMS = {"adamw": {}, "poprisk-snr": {"optimizer": "poprisk", "gate": "snr", "alpha": "finite"},
+        "grokfast": {"optimizer": "grokfast"}}
+
+
+def test_minibatches_state_round_trip_continues_the_same_sequence():
+    straight = minibatches(10, 3, torch.Generator().manual_seed(1))
+    expected = [next(straight) for _ in range(12)]
+    first = minibatches(10, 3, torch.Generator().manual_seed(1))
+    got = [next(first) for _ in range(5)]
+    state = first.state_dict()
+    second = minibatches(10, 3, torch.Generator().manual_seed(99))  # another seed: the state decides
+    second.load_state_dict(state)
+    got += [next(second) for _ in range(7)]
+    assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+class Interrupt(KeyboardInterrupt):
+    pass
+
+
+def _interrupt_after(step: int):
+    def on_start(run, cfg):
+        def stop(logged_step, values):
+            if logged_step >= step:
+                raise Interrupt
+        run.on_log.append(stop)
+    return on_start
+
+
+@pytest.mark.parametrize("arm", list(ARMS))
+def test_interrupted_run_continues_from_its_checkpoint_with_identical_metrics(tmp_path, arm):
+    sets = {**SMALL, **ARMS[arm]}
+    straight = run_experiment("grokking", sets, seed=3, out=tmp_path, run_id="straight")
+    with pytest.raises(Interrupt):  # stops after logging step 170: the last checkpoint is at step 150
+        run_experiment("grokking", sets, seed=3, out=tmp_path, run_id="cut", on_start=_interrupt_after(170))
+    store = RunStore(tmp_path)
+    assert store.status("cut")["checkpoint_step"] == 150
+    store.retire("cut")  # what a sweep does with an incomplete run
+    resumed = run_experiment("grokking", sets, seed=3, out=tmp_path, run_id="cut")
+
+    assert resumed["state"] == "done" and store.status("cut")["resumed_from"] == {"attempt": "1", "step": 150}
+    a, b = store.metrics("straight"), store.metrics("cut")
+    pd.testing.assert_frame_equal(a.sort_values(["step", "name"]).reset_index(drop=True),
+                                  b.sort_values(["step", "name"]).reset_index(drop=True))
+    assert b.groupby(["step", "name"]).size().max() == 1  # no step logged twice
+    for key in ("step_to_95", "step_to_99", "final_test_acc", "steps_run"):
+        assert resumed["result"][key] == straight["result"][key]
+    assert not list(tmp_path.rglob("checkpoint.pt"))  # finished: the checkpoints are gone
+
+
+def test_without_an_earlier_attempt_there_is_nothing_to_resume(tmp_path):
+    run = RunStore(tmp_path).create("grokking", {"x": 1}, seed=0, run_id="fresh")
+    with run:
+        assert run.resume() is None
+
+
+KILLED = """
+import sys, torch
+torch.set_num_threads(1)
+from lmech.sweeps import run_sweep
+run_sweep("grokking", sets={sets!r}, seeds=[0], workers=1, out=sys.argv[1], progress=False)
+"""
+
+
+def test_sweep_killed_with_sigkill_continues_the_run_from_its_checkpoint(tmp_path):
+    sets = {**SMALL, "steps": 2000, "checkpoint_every": 200}
+    script = tmp_path / "sweep.py"
+    script.write_text(KILLED.format(sets=sets))
+    root = tmp_path / "store"
+    proc = subprocess.Popen([sys.executable, str(script), str(root)])
+    deadline = time.monotonic() + 120
+    while not list(root.glob("grokking-*/checkpoint.pt")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended or hung before a checkpoint"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)  # the run process exits with its driver
+
+    df = run_sweep("grokking", sets=sets, seeds=[0], workers=1, out=root, progress=False)
+    run_id = df["run_id"][0]
+    store = RunStore(root)
+    status = store.status(run_id)
+    assert df["state"][0] == "done" and status["resumed_from"]["step"] >= 200
+    straight = run_experiment("grokking", sets, seed=0, out=tmp_path / "straight", run_id="straight")
+    a = RunStore(tmp_path / "straight").metrics("straight").sort_values(["step", "name"]).reset_index(drop=True)
+    b = store.metrics(run_id).sort_values(["step", "name"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+    assert straight["result"]["final_test_acc"] == store.result(run_id)["final_test_acc"]

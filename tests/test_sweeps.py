@@ -309,3 +309,43 @@ def test_cli_sweep_and_runs_table(tmp_path):
         assert f"{row.final_test_acc:.4g}" in cells  # a result number that varies across the sweep
     missing = runner.invoke(app, ["runs", "--sweep", "nope", "--out", str(out)])
     assert missing.exit_code == 2 and "no sweep 'nope'" in missing.output and "cli-demo" in missing.output
+
+
+# -- explicit points and seed order ---------------------------------------------------------------
+def test_points_times_grid_seed_order_and_names(store_root):
+    points = [{"optimizer": "adamw"}, {"optimizer": "poprisk", "gate": "soft", "alpha": "1"}]
+    plan = plan_sweep("grokking", sets=TINY, points=points, grid={"lr": [1e-3, 3e-3]}, seeds=2, order="seeds",
+                      out=store_root)
+    assert [(s.seed, s.params) for s in plan.runs[:4]] == [
+        (0, {"optimizer": "adamw", "lr": 1e-3}), (0, {"optimizer": "adamw", "lr": 3e-3}),
+        (0, {"optimizer": "poprisk", "gate": "soft", "alpha": 1.0, "lr": 1e-3}),
+        (0, {"optimizer": "poprisk", "gate": "soft", "alpha": 1.0, "lr": 3e-3})]
+    assert [s.seed for s in plan.runs] == [0] * 4 + [1] * 4
+    assert plan.grid_keys == ["optimizer", "gate", "alpha", "lr"]
+    by_points = plan_sweep("grokking", sets=TINY, points=points, grid={"lr": [1e-3, 3e-3]}, seeds=2, out=store_root)
+    assert by_points.name == plan.name and {s.run_id for s in by_points.runs} == {s.run_id for s in plan.runs}
+    assert [s.seed for s in by_points.runs] == [0, 1] * 4
+    assert plan_sweep("grokking", sets=TINY, points=points[:1], seeds=1, out=store_root).name != plan.name
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"points": [{"optimizer": "adamw"}, {"optimizer": "adamw"}]}, "is listed twice"),
+    ({"points": [{"lr": 1e-3}], "grid": {"lr": [1e-2]}}, "lr is set by a point and also"),
+    ({"points": [{"bogus": 1}]}, "unknown key 'bogus'"),
+    ({"points": {"optimizer": "adamw"}}, "points must be a list of dicts"),
+    ({"order": "random"}, "unknown order 'random'"),
+])
+def test_bad_points_and_orders_are_refused(store_root, kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_sweep("grokking", sets=TINY, out=store_root, **kwargs)
+    assert not store_root.exists() or not any(store_root.iterdir())
+
+
+def test_cli_points_run_and_bad_point_exits_2(tmp_path):
+    out = tmp_path / "store"
+    result = runner.invoke(app, ["sweep", "grokking", *TINY_ARGS, "--point", "optimizer=adamw",
+                                 "--point", "optimizer=grokfast", "--seeds", "1", "--workers", "1", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert sorted(RunStore(out).runs()["state"]) == ["done", "done"]
+    bad = runner.invoke(app, ["sweep", "grokking", *TINY_ARGS, "--point", "optimizer", "--out", str(tmp_path / "b")])
+    assert bad.exit_code == 2 and "is not key=value" in bad.output and not (tmp_path / "b").exists()

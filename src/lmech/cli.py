@@ -116,8 +116,12 @@ def sweep(
     experiment: str = typer.Argument(..., help="experiment name (see `lmech list`)"),
     set_: List[str] = typer.Option([], "--set", help="fix a config key: --set key=value (repeatable)"),
     grid: List[str] = typer.Option([], "--grid", help="sweep a key: --grid key=v1,v2,... (repeatable; product)"),
+    point: List[str] = typer.Option([], "--point", help="an explicit config, --point key=v,key=v (repeatable; "
+                                                        "the sweep runs points x grid)"),
     random: Optional[int] = typer.Option(None, "--random", help="run N grid points sampled from the grid (seeded)"),
     seeds: int = typer.Option(1, "--seeds", help="seeds 0..K-1 for every grid point"),
+    order: str = typer.Option("points", "--order", help="points (every seed of a point, then the next) or seeds "
+                                                       "(seed 0 of every point first)"),
     executor: str = typer.Option("local", "--executor", help="local (process per run) or ray"),
     workers: Optional[int] = typer.Option(None, "--workers", help="runs at a time (default: CPU count)"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local one)"),
@@ -132,9 +136,10 @@ def sweep(
 
     try:
         grid_dict = parse_grid(grid)
+        points = [parse_point(p) for p in point] or None
         df = run_sweep(experiment, sets=set_, grid=grid_dict, seeds=seeds, random=random, executor=executor,
                        workers=workers, address=address, out=out, name=name, retry_failed=retry_failed,
-                       quick=quick, progress=True)
+                       quick=quick, progress=True, points=points, order=order)
     except ConfigError as err:
         _fail(str(err))
     except KeyboardInterrupt:
@@ -143,6 +148,23 @@ def sweep(
     console.print(f"lmech runs --sweep {df.attrs['sweep']} --out {out}", highlight=False)
     if df["state"].isin(["failed", "incomplete", "missing"]).any():
         raise typer.Exit(1)
+
+
+def parse_point(item: str) -> dict:
+    """``"optimizer=poprisk,gate=soft"`` -> ``{"optimizer": "poprisk", "gate": "soft"}`` (typed later)."""
+    from lmech.experiments.base import ConfigError
+
+    point: dict = {}
+    for pair in (p.strip() for p in item.split(",") if p.strip()):
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--point {item!r} is not key=value,key=value (e.g. --point optimizer=poprisk,gate=soft)")
+        if key.strip() in point:
+            raise ConfigError(f"--point {item!r} sets {key.strip()} twice")
+        point[key.strip()] = value.strip()
+    if not point:
+        raise ConfigError("--point is empty; give key=value,key=value")
+    return point
 
 
 def parse_grid(items: List[str]) -> dict:

@@ -54,11 +54,13 @@ def run_sweep(experiment: str, sets: dict | list[str] | None = None, grid: dict[
               seeds: int | list[int] = 1, random: int | None = None, executor: str = "local",
               workers: int | None = None, address: str | None = None, out: str | Path = "runs",
               name: str | None = None, retry_failed: bool = False, quick: bool = False,
-              progress: bool = True):
+              progress: bool = True, points: list[dict] | None = None, order: str = "points"):
     """Run ``experiment`` for every grid point (or ``random`` of them) and seed; return a DataFrame.
 
     Arguments: ``sets`` fixes config values (``{"model": "mlp"}`` or ``["model=mlp"]``); ``grid``
-    maps keys to lists of values (typed or strings, parsed like ``--set``); ``seeds`` is a count
+    maps keys to lists of values (typed or strings, parsed like ``--set``); ``points`` lists explicit
+    configurations (dicts; the sweep runs points x grid); ``order="seeds"`` runs seed 0 of every
+    point before seed 1 (see :mod:`lmech.sweeps.plan`); ``seeds`` is a count
     (seeds 0..K-1) or a list; ``random=N`` samples N grid points (see :mod:`lmech.sweeps.plan`);
     ``executor`` is ``"local"`` or ``"ray"`` (``address`` for a running Ray cluster);
     ``workers`` bounds the runs in flight; ``out`` is the run store; ``name`` the sweep's name
@@ -72,7 +74,8 @@ def run_sweep(experiment: str, sets: dict | list[str] | None = None, grid: dict[
     ``ran`` (False if it was already finished and skipped), then the run's ``result.json`` numbers
     (``checks`` becomes ``checks_passed``). ``df.attrs["sweep"]`` is the sweep's name.
     """
-    plan = plan_sweep(experiment, sets=sets, grid=grid, seeds=seeds, random=random, quick=quick, out=out, name=name)
+    plan = plan_sweep(experiment, sets=sets, grid=grid, seeds=seeds, random=random, quick=quick, out=out, name=name,
+                      points=points, order=order)
     if executor not in EXECUTORS:
         raise ConfigError(f"unknown executor {executor!r}; use one of {', '.join(EXECUTORS)}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, Integral) or workers < 1):
@@ -194,7 +197,8 @@ def write_manifest(store: RunStore, plan: SweepPlan, executor: str) -> Path:
         manifest["grid_keys"] = list(dict.fromkeys([*manifest.get("grid_keys", []), *plan.grid_keys]))
         manifest["invocations"].append({
             "time": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "executor": executor,
-            "sets": plan.sets, "grid": plan.grid, "seeds": plan.seeds, "random": plan.random, "quick": plan.quick})
+            "sets": plan.sets, "grid": plan.grid, "points": plan.points, "seeds": plan.seeds, "random": plan.random,
+            "quick": plan.quick, "order": plan.order})
         atomic_write_json(path, manifest)
     return path
 

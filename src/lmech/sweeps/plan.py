@@ -19,6 +19,14 @@ runs to the same sweep. A sweep's members are listed in its manifest ``ROOT/swee
 (the union over every invocation under that name); runs it shares with another sweep are reused,
 not run twice.
 
+Points. ``points`` lists explicit configurations (dicts of overrides; e.g. the arms of an
+optimizer comparison, which differ in several keys at once); the sweep runs ``points x grid``.
+Their keys are grid keys in tables and figures.
+
+Order. Runs execute point by point (every seed of the first grid point, then the next), or with
+``order="seeds"`` seed by seed (seed 0 of every point first), so that a sweep stopped part-way has
+about as many seeds of every point.
+
 Random search. ``random=N`` runs N distinct grid points instead of the full product: the points in
 canonical order (keys sorted, each key's values sorted by their JSON text) are shuffled by
 ``random.Random(0)`` and the first N taken, so the sample depends only on the grid (not on the
@@ -43,6 +51,7 @@ from lmech.runs.provenance import config_hash
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 RANDOM_SEED = 0
+ORDERS = ("points", "seeds")
 
 
 @dataclass(frozen=True)
@@ -80,10 +89,12 @@ class SweepPlan:
     quick: bool
     out: Path
     runs: list[RunSpec]
+    points: list[dict] = field(default_factory=list)
+    order: str = "points"
 
     @property
     def grid_keys(self) -> list[str]:
-        return list(self.grid)
+        return list(dict.fromkeys([*(k for point in self.points for k in point), *self.grid]))
 
 
 def run_id_for(experiment: str, chash: str) -> str:
@@ -92,7 +103,8 @@ def run_id_for(experiment: str, chash: str) -> str:
 
 def plan_sweep(experiment: str, sets: dict | list[str] | None = None, grid: dict[str, list] | None = None,
                seeds: int | list[int] = 1, random: int | None = None, quick: bool = False,
-               out: str | Path = "runs", name: str | None = None) -> SweepPlan:
+               out: str | Path = "runs", name: str | None = None, points: list[dict] | None = None,
+               order: str = "points") -> SweepPlan:
     """Validate everything and list the runs; raises :class:`ConfigError` with one line if bad."""
     from lmech import experiments
 
@@ -100,18 +112,21 @@ def plan_sweep(experiment: str, sets: dict | list[str] | None = None, grid: dict
     module = experiments._CATALOG[experiment]
     fixed = _typed_sets(exp, sets)
     typed_grid = _typed_grid(exp, grid, fixed)
+    typed_points = _typed_points(exp, points, fixed, typed_grid)
     seed_list = _seed_list(seeds)
+    if order not in ORDERS:
+        raise ConfigError(f"unknown order {order!r}; use one of {', '.join(ORDERS)}")
     if random is not None and (isinstance(random, bool) or not isinstance(random, Integral) or random < 1):
         raise ConfigError(f"random must be a positive number of grid points to sample, got {random!r}")
     if name is None:
-        name = default_name(experiment, fixed, typed_grid, quick)
+        name = default_name(experiment, fixed, typed_grid, quick, typed_points)
     elif not NAME_PATTERN.match(str(name)):
         raise ConfigError(f"bad sweep name {name!r}: use letters, digits, '.', '_' and '-' (at most 100)")
 
-    points = _grid_points(typed_grid, random)
+    combos = [{**point, **params} for point in (typed_points or [{}]) for params in _grid_points(typed_grid, random)]
     out = Path(out).resolve()
     specs: list[RunSpec] = []
-    for params in points:
+    for params in combos:
         overrides = {**fixed, **params}
         try:
             cfg = exp.make_config(overrides, quick=quick)
@@ -123,14 +138,19 @@ def plan_sweep(experiment: str, sets: dict | list[str] | None = None, grid: dict
             chash = config_hash(experiment, config, seed)
             specs.append(RunSpec(experiment, module, overrides, bool(quick), seed, run_id_for(experiment, chash),
                                  chash, name, str(out), params))
-    return SweepPlan(name, experiment, fixed, typed_grid, seed_list, random, bool(quick), out, specs)
+    if order == "seeds":
+        specs.sort(key=lambda spec: seed_list.index(spec.seed))  # stable: points keep their order per seed
+    return SweepPlan(name, experiment, fixed, typed_grid, seed_list, random, bool(quick), out, specs,
+                     typed_points, order)
 
 
-def default_name(experiment: str, fixed: dict, grid: dict, quick: bool) -> str:
+def default_name(experiment: str, fixed: dict, grid: dict, quick: bool, points: list[dict] | None = None) -> str:
     canonical = {"experiment": experiment, "sets": fixed, "quick": bool(quick),
                  "grid": {k: sorted(grid[k], key=_key) for k in grid}}
+    if points:
+        canonical["points"] = sorted(points, key=_key)
     digest = hashlib.sha256(json.dumps(canonical, sort_keys=True, default=str).encode()).hexdigest()[:8]
-    keys = "-".join(sorted(grid))
+    keys = "-".join(sorted({*grid, *(k for point in points or [] for k in point)}))
     keys = re.sub(r"[^A-Za-z0-9._-]", "_", keys)
     return f"{experiment}-{keys}-{digest}" if keys and len(keys) <= 40 else f"{experiment}-{digest}"
 
@@ -166,6 +186,25 @@ def _typed_grid(exp, grid: dict | None, fixed: dict) -> dict:
                 raise ConfigError(f"grid {key} lists {v!r} twice; give each value once")
             seen.add(_key(v))
         typed[key] = values
+    return typed
+
+
+def _typed_points(exp, points: list[dict] | None, fixed: dict, grid: dict) -> list[dict]:
+    if points is None:
+        return []
+    if isinstance(points, dict) or not all(isinstance(p, dict) for p in points):
+        raise ConfigError("points must be a list of dicts of config values, e.g. [{'optimizer': 'adamw'}, "
+                          "{'optimizer': 'poprisk', 'gate': 'soft'}]")
+    typed, seen = [], set()
+    for point in points:
+        point = {key: _coerce_known(exp, key, value) for key, value in point.items()}
+        both = sorted(set(point) & (set(fixed) | set(grid)))
+        if both:
+            raise ConfigError(f"{both[0]} is set by a point and also fixed (--set) or swept (--grid); drop one")
+        if _key(point) in seen:
+            raise ConfigError(f"point {point} is listed twice; give each point once")
+        seen.add(_key(point))
+        typed.append(point)
     return typed
 
 

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from lmech.optim import OPTIMIZERS, Grokfast, PopRiskAdamW, build_optimizer
-from lmech.optim.poprisk import batch_noise, compare_noise_proxy, leave_one_out_term, resolve_alpha
+from lmech.optim.poprisk import (HARD_TIE_EPS, REDUCTIONS, batch_noise, compare_noise_proxy, leave_one_out_term,
+                                 resolve_alpha)
 
 
 # --------------------------------------------------------------------------------------------
@@ -25,8 +26,9 @@ def reference_gate(m_hat, s_hat, gate, softness, alpha, gate_eps, reduction):
         m2, s = m_hat * m_hat, s_hat
     if gate == "none":
         return torch.ones_like(m2)
-    if gate == "hard":
-        return (m2 - alpha * s > 0).to(m_hat.dtype)
+    if gate == "hard":  # ties within rounding count as closed
+        tau = HARD_TIE_EPS * torch.finfo(m_hat.dtype).eps
+        return (m2 - alpha * s > tau * (m2 + alpha * s)).to(m_hat.dtype)
     if gate == "soft":
         d = (m2 - alpha * s).clamp_min(0)
         return d / (d + softness * s + gate_eps)
@@ -200,6 +202,100 @@ def test_first_steps_on_a_constant_noiseless_gradient():
     assert seen[1] == pytest.approx(0.0, abs=1e-9)
     assert seen[10] == pytest.approx(0.545, abs=1e-3) and seen[50] == pytest.approx(0.915, abs=1e-3)
     assert all(seen[t] < seen[t + 1] for t in range(1, 50))
+
+
+# --------------------------------------------------------------------------------------------
+# The hard gate on ties: at step 1, m_hat^2 = s_hat in exact arithmetic
+# --------------------------------------------------------------------------------------------
+# With betas and rho that are not exact in binary, m^2 and c s differ by rounding only, and
+# 1{d > 0} opened about half of the coordinates at random; ties within rounding count as closed.
+
+
+def random_params(dtype, seed=0):
+    """A few tensors and gradients spanning several orders of magnitude."""
+    gen = torch.Generator().manual_seed(seed)
+    params = []
+    for shape in ((64, 48), (48,), (7, 5, 3), (1,)):
+        p = nn.Parameter(torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype))
+        p.grad = (torch.randn(shape, generator=gen, dtype=torch.float64)
+                  * torch.exp(2 * torch.randn(shape, generator=gen, dtype=torch.float64))).to(dtype)
+        params.append(p)
+    return params
+
+
+def assert_step_one_gate(params, opt, expected):
+    """The gate applied at step 1 (seen in the update, lr > 0, no decay) and the one recomputed."""
+    before = [p.detach().clone() for p in params]
+    opt.step()
+    gates = opt.gates()
+    for p, p0 in zip(params, before):
+        assert bool((gates[p] == expected).all()), f"{float((gates[p] != expected).double().mean()):.0%} differ"
+        moved = p.detach() != p0
+        assert bool(moved.all()) if expected else not bool(moved.any())
+    d = opt.diagnostics()
+    assert d["gate_mean"] == expected and d["gate_closed_fraction"] == 1 - expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_hard_gate_closes_every_tie_at_step_one(dtype, reduction):
+    params = random_params(dtype)
+    opt = PopRiskAdamW(params, lr=0.1, betas=(0.9, 0.98), rho=0.99, weight_decay=0.0, gate="hard",
+                       reduction=reduction)
+    assert_step_one_gate(params, opt, 0.0)
+
+
+def test_hard_gate_closes_every_tie_at_step_one_fused():
+    """The compiled kernel (float32: it used to form 1 - fl(rho) in float32 and open every coordinate)."""
+    params = random_params(torch.float32)
+    opt = PopRiskAdamW(params, lr=0.1, weight_decay=0.0, gate="hard", fused=True)  # default betas, rho
+    assert_step_one_gate(params, opt, 0.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_hard_gate_with_alpha_below_one_opens_every_coordinate_at_step_one(dtype, reduction):
+    """d = (1 - alpha) m_hat^2 > 0 is no tie."""
+    params = random_params(dtype, seed=1)
+    opt = PopRiskAdamW(params, lr=0.1, betas=(0.9, 0.98), rho=0.99, weight_decay=0.0, gate="hard",
+                       reduction=reduction, alpha=0.25)
+    assert_step_one_gate(params, opt, 1.0)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_hard_gate_tolerance_keeps_every_clear_decision(reduction):
+    """float32 state after 7 noisy steps: where |d| is far above rounding, the gate is exactly the
+    float64 decision 1{m_hat^2 > s_hat}; and the tie band is a few eps wide."""
+    gen = torch.Generator().manual_seed(3)
+    params = [nn.Parameter(torch.zeros(40)) for _ in range(60)]
+    mean = [torch.randn(40, generator=gen) * torch.rand((), generator=gen) for _ in params]
+    opt = PopRiskAdamW(params, lr=0.0, weight_decay=0.0, gate="hard", reduction=reduction)
+    t = 7
+    for _ in range(t):
+        for p, mu in zip(params, mean):
+            p.grad = mu + 0.5 * torch.randn(40, generator=gen)
+        opt.step()
+    gates = opt.gates()
+    q, exact, far = [], [], []
+    for p in params:
+        m_hat = opt.state[p]["exp_avg"].double() / (1 - 0.9 ** t)
+        s_hat = opt.state[p]["exp_var"].double() / (1 - 0.99 ** t)
+        m2, s = (m_hat ** 2, s_hat) if reduction == "element" else ((m_hat ** 2).sum(), s_hat.sum())
+        q.append(gates[p].flatten())
+        exact.append((m2 > s).flatten().double())
+        far.append(((m2 - s).abs() > 1e-4 * (m2 + s)).flatten())
+    q, exact, far = torch.cat(q).double(), torch.cat(exact), torch.cat(far)
+    assert far.double().mean() > 0.95 and 0.1 < exact[far].mean() < 0.9   # both decisions, few near-ties
+    assert torch.equal(q[far], exact[far])
+
+    # the band: a single float32 tensor at a step-1 tie, its m scaled by 1 + delta (d ~ delta (m^2 + c s))
+    for delta, expected in ((1e-5, 1.0), (1e-6, 0.0)):   # 84 eps: open; 8 eps: within rounding, closed
+        w = nn.Parameter(torch.zeros(1000))
+        opt = PopRiskAdamW([w], gate="hard", reduction=reduction)
+        w.grad = torch.randn(1000, generator=gen)
+        opt.step()
+        opt.state[w]["exp_avg"].mul_(1 + delta)
+        assert bool((opt.gates()[w] == expected).all())
 
 
 def test_gate_warmup_holds_the_gate_open_then_gates():

@@ -43,17 +43,29 @@ with the gate :math:`q \in [0, 1]` (``softness`` :math:`=\lambda`, gate stabiliz
 ``gate``  :math:`q`                                                                   source
 ========  ==========================================================================  ============
 soft      :math:`d_+ / (d_+ + \lambda \hat s + \varepsilon_q)`                         eq. 242, Alg. 1
-hard      :math:`\mathbf 1\{d > 0\}`                                                   eq. 241
+hard      :math:`\mathbf 1\{d > \tau\,(\hat m^2 + \alpha \hat s)\}`                    eq. 241, ties closed
 snr       :math:`\hat m^2 / (\hat m^2 + \lambda\,\alpha\,\hat s + \varepsilon_q)`      eq. 243
 none      :math:`1` (exactly ``torch.optim.AdamW``)                                    control arm
 ========  ==========================================================================  ============
 
-``softness=0`` makes ``soft`` equal to ``hard`` (up to ``gate_eps``). In ``snr`` we multiply
-:math:`\lambda` by :math:`\alpha` (one port does, eq. 243 as transcribed has no :math:`\alpha`;
-with the default :math:`\alpha = 1` both agree), so that ``alpha="finite"`` affects every gate.
-``reduction="tensor"`` gates a whole tensor with one :math:`q` computed from
-:math:`\sum_k \hat m_k^2` and :math:`\sum_k \hat s_k` over the tensor (the official code's
-``per_tensor``).
+``softness=0`` makes ``soft`` equal to ``hard`` (up to ``gate_eps``, and except on ties, below).
+In ``snr`` we multiply :math:`\lambda` by :math:`\alpha` (one port does, eq. 243 as transcribed
+has no :math:`\alpha`; with the default :math:`\alpha = 1` both agree), so that
+``alpha="finite"`` affects every gate. ``reduction="tensor"`` gates a whole tensor with one
+:math:`q` computed from :math:`\sum_k \hat m_k^2` and :math:`\sum_k \hat s_k` over the tensor
+(the official code's ``per_tensor``).
+
+``hard`` is eq. 241's :math:`\mathbf 1\{d > 0\}` with ties counted as closed, :math:`\tau =
+16\,\epsilon_{\rm mach}` of the state's dtype. :math:`d` is the difference of two rounded
+quantities; where :math:`|d| \le \tau(\hat m^2 + \alpha\hat s)` it may be 0 in exact arithmetic
+and its computed sign is noise, so the gate stays shut, as it does for :math:`d = 0` (the bound is
+derived at ``HARD_TIE_EPS`` in the source). Decisions with :math:`|d|` above the bound are those of
+eq. 241. ``reduction="tensor"`` applies the same rule to the sums, :math:`\hat m^2 \to \sum_k \hat
+m_k^2` and :math:`\hat s \to \sum_k \hat s_k`, summing :math:`\hat m_k^2 - \alpha\hat s_k`
+elementwise so that the independent rounding of two large sums cannot decide a tie. The
+continuous gates are left as they are: at a tie ``soft`` sees the rounded :math:`d_+`, so its
+:math:`q` is :math:`O(\epsilon_{\rm mach})` for :math:`\lambda > 0`, but with
+:math:`\lambda = 0` it is :math:`d_+/(d_+ + \varepsilon_q)`, which ``gate_eps`` does not keep shut.
 
 ``alpha``: a number; ``"fresh"`` = 1 (fresh batches, the paper's boundary); ``"finite"`` =
 :math:`b/(n-b)` (App. F.4, eq. 245: batches drawn from a fixed set of ``dataset_size`` = n
@@ -65,17 +77,25 @@ Measured with ``python scripts/poprisk_study.py ablations`` (tables in ``docs/re
 
 * **First step gating.** At :math:`t = 1`, :math:`\hat m = g` and :math:`\hat s = g^2`, so
   :math:`\hat m^2/\hat s = 1` exactly: ``hard``/``soft`` with :math:`\alpha \ge 1` block every
-  parameter on step 1 and, because :math:`s` was centred on :math:`m_0 = 0`, stay partly shut
-  for tens of steps even for a noiseless gradient: for a constant gradient the soft gate
-  (:math:`\alpha = \lambda = 1`, default betas and rho) is 0 at step 1, 0.55 at step 10 and
-  0.92 at step 50 (``snr``: 0.5, 0.69, 0.92). We keep Algorithm 1 literally (the moments are
-  updated from step 1) and add ``gate_warmup`` (default 0): for the first ``gate_warmup`` steps
-  the gate is held open (:math:`q = 1`) while ``m, v, s`` accumulate. **Default 0**, by
-  experiment (lr 1e-3, seeds 0-2): on ``inr-noise`` 100 open steps let the network fit the noise
-  before the gate engages and the final error to the clean signal rises from 0.04-0.08 to
-  0.10-0.16 (soft gate; snr 0.18-0.25 either way); on ``pinn-advection`` the warm-up changes the
-  steps to target little (soft 800-1,400 -> 725-1,100; snr 500-575 either way). The first-step
-  closure costs little, the warm-up can cost a lot, and 0 is the algorithm as published.
+  parameter on step 1 and, because :math:`s` was centred on :math:`m_0 = 0`, stay partly shut for
+  tens of steps even for a noiseless gradient. In floating point the two sides are equal only up to
+  rounding (``m``, ``s`` and ``c`` carry a few rounding errors each), so the sign of :math:`d` is
+  noise: with the default betas and rho, which are not exact in binary, ``hard`` as :math:`\mathbf
+  1\{d > 0\}` opened 51% (float64) to 58% (float32) of the coordinates on step 1 (the fused path
+  100% in float32: its :math:`1 - \mathrm{fl}(\rho)` biased ``s``; it now takes the complements
+  computed in double, like the foreach path). Ties within rounding count as closed (the gate
+  table), so at step 1 with :math:`\alpha \ge 1` the hard gate closes every coordinate, as exact
+  arithmetic says; with :math:`\alpha < 1`, :math:`d = (1-\alpha)\hat m^2 > 0` opens every
+  coordinate (unless :math:`\alpha` is within about :math:`2\tau` of 1). For a constant gradient
+  the soft gate (:math:`\alpha = \lambda = 1`, default betas and rho) is 0 at step 1, 0.55 at step
+  10 and 0.92 at step 50 (``snr``: 0.5, 0.69, 0.92). We keep Algorithm 1 literally (the moments are
+  updated from step 1) and add ``gate_warmup`` (default 0): for the first ``gate_warmup`` steps the
+  gate is held open (:math:`q = 1`) while ``m, v, s`` accumulate. **Default 0**, by experiment (lr
+  1e-3, seeds 0-2): on ``inr-noise`` 100 open steps let the network fit the noise before the gate
+  engages and the final error to the clean signal rises from 0.04-0.08 to 0.10-0.16 (soft gate; snr
+  0.18-0.25 either way); on ``pinn-advection`` the warm-up changes the steps to target little (soft
+  800-1,400 -> 725-1,100; snr 500-575 either way). The first-step closure costs little, the warm-up
+  can cost a lot, and 0 is the algorithm as published.
 * **Weight decay.** ``gate_weight_decay=False`` (default, Algorithm 1: decoupled, ungated) or
   ``True`` (the decay of element :math:`k` is multiplied by :math:`q_k`). With ungated decay, a
   closed gate leaves decay acting alone and shrinks the parameter geometrically,
@@ -180,12 +200,37 @@ def _check_group(group: dict) -> None:
     resolve_alpha(group["alpha"], group["batch_size"], group["dataset_size"])
 
 
+# Ties of the hard gate. At t = 1, m = a g, s = r g^2 and c = a^2 / r (a = 1 - beta1, r = 1 - rho,
+# alpha = 1), so d = m^2 - c s is 0 in exact arithmetic and its computed sign is rounding noise. The
+# hard gate therefore opens only where d > tau (m^2 + c s), i.e. where m^2 > c_hard s with
+# c_hard = c (1 + tau) / (1 - tau); ties within rounding error count as closed.
+# Bound (u = eps / 2 of the state's dtype, first order; every op rounds once, scalars computed in
+# double and cast once): m = fl(fl(a) g) by lerp, <= 4u (cast u, lerp <= 3u when 1 - beta1 >= 1/2);
+# m^2 <= 2*4u + u = 9u; s = fl(r) g g <= 3u; c <= 3u (double) + u (cast) = 4u; c s <= 3u + 4u + u = 8u.
+# So a tie computes |d| <= 9u m^2 + 8u c s <= 9u (m^2 + c s) = 4.5 eps (m^2 + c s), and the
+# subtraction itself is exact near a tie (Sterbenz). tau = 16 eps leaves a factor 3.5 for the
+# second-order terms, for fl(m^2 + c s), and for the sum of reduction="tensor": there the
+# elementwise m_k^2 - c_hard s_k are summed (not sum m_k^2 - c_hard sum s_k: its two sums round
+# independently, measured 200-600 eps apart at a tie on 1e6 elements), so the summation error is at
+# most gamma_n sum_k |m_k^2 - c_hard s_k|, about 2 tau gamma_n c S at a tie, and cannot flip the
+# sign of the sum, about -2 tau c S, while gamma_n < 1. The bound is relative: it assumes no
+# underflow (float16 squares below 6e-5 are subnormal and can still open a tie).
+HARD_TIE_EPS = 16
+
+
+def _hard_tie_factor(dtype: torch.dtype) -> float:
+    """(1 + tau) / (1 - tau), tau = HARD_TIE_EPS * eps(dtype): the hard gate opens iff m^2 > factor * c s."""
+    tau = HARD_TIE_EPS * torch.finfo(dtype).eps
+    return (1 + tau) / (1 - tau)
+
+
 class _Scalars:
     """Every per-step scalar of one (group, step count), in the units of the raw state m, v, s.
 
     The gate is evaluated on raw state: with ``bc1 = 1 - beta1^t`` and ``bcs = 1 - rho^t``,
     ``m_hat^2 - alpha s_hat = (m^2 - c s) / bc1^2`` with ``c = alpha bc1^2 / bcs``; numerator and
-    denominator of the soft/snr gates are multiplied by ``bc1^2``.
+    denominator of the soft/snr gates are multiplied by ``bc1^2``. The hard gate compares with
+    ``c_hard(dtype) = c (1 + tau) / (1 - tau)`` (ties count as closed; see ``HARD_TIE_EPS``).
     """
 
     def __init__(self, group: dict, t: int):
@@ -204,9 +249,21 @@ class _Scalars:
         self.step_size = group["lr"] / self.bc1
         self.bc2_sqrt = math.sqrt(self.bc2)
 
+    def c_hard(self, dtype: torch.dtype) -> float:
+        """``m^2 - c_hard s > 0``  <=>  ``d > tau (m^2 + c s)`` for state of this dtype."""
+        return self.c * _hard_tie_factor(dtype)
+
 
 def _foreach_gate(ms: list[Tensor], ss: list[Tensor], gate: str, reduction: str, sc: _Scalars) -> list[Tensor]:
     """q for every tensor (new tensors; one per element, or a 0-d tensor per tensor)."""
+    if gate == "hard":                                        # q = 1{d > tau (m^2 + c s)}, ties closed
+        d = torch._foreach_mul(ms, ms)
+        torch._foreach_add_(d, ss, alpha=-sc.c_hard(ms[0].dtype))  # m^2 - c_hard s
+        if reduction == "tensor":
+            d = [x.sum() for x in d]                          # sum of the differences (see HARD_TIE_EPS)
+        torch._foreach_sign_(d)
+        torch._foreach_clamp_min_(d, 0.0)
+        return d
     if reduction == "tensor":
         norms = torch._foreach_norm(ms, 2)
         num = torch._foreach_mul(norms, norms)               # sum_k m_k^2 per tensor
@@ -220,10 +277,6 @@ def _foreach_gate(ms: list[Tensor], ss: list[Tensor], gate: str, reduction: str,
         torch._foreach_div_(num, den)
         return num
     torch._foreach_add_(num, s_sum, alpha=-sc.c)              # d = m^2 - c s
-    if gate == "hard":
-        torch._foreach_sign_(num)
-        torch._foreach_clamp_min_(num, 0.0)
-        return num
     torch._foreach_clamp_min_(num, 0.0)                       # soft
     den = torch._foreach_add(num, s_sum, alpha=sc.lam_soft)
     torch._foreach_add_(den, sc.eps_q)
@@ -244,13 +297,17 @@ def _fused_update(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor, sc: Ten
                   gate_weight_decay: bool) -> None:
     """One tensor's whole update, written for torch.compile (every step-dependent scalar is in ``sc``).
 
-    ``sc`` = [rho, beta1, beta2, lr*wd, step_size, bc2_sqrt, eps, c, lam_soft, lam_snr, eps_q, open].
+    ``sc`` = [rho, 1-rho, 1-beta1, beta2, 1-beta2, lr*wd, step_size, bc2_sqrt, eps, c, c_hard, lam_soft,
+    lam_snr, eps_q, open]. The complements come computed in double (as the foreach path's scalars):
+    ``1 - fl(rho)`` in float32 is off by ``u rho / (1 - rho)`` relative (about 100u for rho = 0.99),
+    which would bias ``s`` against ``c`` and open every tie of the hard gate at step 1.
     """
-    rho, b1, b2, lr_wd, step_size, bc2_sqrt, eps, c, lam_soft, lam_snr, eps_q, is_open = sc.unbind(0)
+    (rho, one_m_rho, one_m_b1, b2, one_m_b2, lr_wd, step_size, bc2_sqrt, eps, c, c_hard, lam_soft, lam_snr,
+     eps_q, is_open) = sc.unbind(0)
     diff = g - m
-    s.copy_(s * rho + (1 - rho) * diff * diff)
-    m.copy_(m + (1 - b1) * (g - m))
-    v.copy_(v * b2 + (1 - b2) * g * g)
+    s.copy_(s * rho + one_m_rho * diff * diff)
+    m.copy_(m + one_m_b1 * (g - m))
+    v.copy_(v * b2 + one_m_b2 * g * g)
     if reduction == "tensor":
         num = (m * m).sum()
         s_sum = s.sum()
@@ -259,8 +316,9 @@ def _fused_update(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor, sc: Ten
         s_sum = s
     if gate == "snr":
         q = num / (num + lam_snr * s_sum + eps_q)
-    elif gate == "hard":
-        q = (num - c * s_sum > 0).to(m.dtype)
+    elif gate == "hard":                                     # d > tau (m^2 + c s): see HARD_TIE_EPS
+        d = m * m - c_hard * s
+        q = ((d.sum() if reduction == "tensor" else d) > 0).to(m.dtype)
     elif gate == "soft":
         d = (num - c * s_sum).clamp_min(0)
         q = d / (d + lam_soft * s_sum + eps_q)
@@ -418,9 +476,10 @@ class PopRiskAdamW(torch.optim.Optimizer):
     @staticmethod
     def _fused_step(group: dict, sc: _Scalars, device, ps, gs, ms, vs, ss) -> None:
         b1, b2 = group["betas"]
-        scalars = torch.tensor([group["rho"], b1, b2, group["lr"] * group["weight_decay"], sc.step_size,
-                                sc.bc2_sqrt, group["eps"], sc.c, sc.lam_soft, sc.lam_snr, sc.eps_q,
-                                float(sc.open)], dtype=ps[0].dtype, device=device)
+        rho, dtype = group["rho"], ps[0].dtype
+        scalars = torch.tensor([rho, 1 - rho, 1 - b1, b2, 1 - b2, group["lr"] * group["weight_decay"],
+                                sc.step_size, sc.bc2_sqrt, group["eps"], sc.c, sc.c_hard(dtype), sc.lam_soft,
+                                sc.lam_snr, sc.eps_q, float(sc.open)], dtype=dtype, device=device)
         kernel = _compiled_update()
         for p, g, m, v, s in zip(ps, gs, ms, vs, ss):
             if p.is_contiguous() and g.is_contiguous() and m.is_contiguous():

@@ -206,9 +206,9 @@ def test_population_risk_path_sum_first_step():
     half_mse(model(x), y).backward()
     opt.step()
     out = rec.step(lr)
-    assert out["poprisk_path"] == pytest.approx(st["phi"] - lr * pop)
-    assert out["poprisk_gap"] == pytest.approx(lr * (train - pop))
-    assert out["poprisk"] == pytest.approx(out["loss"] + out["poprisk_gap"])
+    assert out["poprisk_ustat_path"] == pytest.approx(st["phi"] - lr * pop)
+    assert out["poprisk_ustat_gap"] == pytest.approx(lr * (train - pop))
+    assert out["poprisk_ustat"] == pytest.approx(out["loss"] + out["poprisk_ustat_gap"])
     assert out["rate_train"] == pytest.approx(float(st["g"] @ K @ st["g"]))
     assert math.isfinite(out["rate_query"]) and math.isfinite(out["query_loss"])
 
@@ -317,7 +317,7 @@ def test_probe_protocol():
             half_mse(model(x), y).backward()
             opt.step()
         outs.append(probe.measure(TrainState(model, half_mse, (x, y), step=step, optimizer=opt)))
-    assert "poprisk" in outs[0] and "readout/coupling_corr" not in outs[0]
+    assert "poprisk_loo" in outs[0] and "readout/coupling_corr" not in outs[0]
     assert "readout/coupling_corr" in outs[1] and outs[1]["spectrum"].shape == (x.shape[0],)
     assert probe.recorder.path.steps == 6
 
@@ -404,5 +404,5 @@ def test_probe_in_a_monitor_leaves_training_unchanged():
     steps = [s for s, _ in mon.history.records]
     assert steps == [0, 2, 4, 6]
     records = dict(mon.history.records)
-    assert "gramian/poprisk" in records[2] and "gramian/readout/coupling_corr" not in records[2]
+    assert "gramian/poprisk_loo" in records[2] and "gramian/readout/coupling_corr" not in records[2]
     assert "gramian/readout/coupling_corr" in records[4]      # every second measurement reads out

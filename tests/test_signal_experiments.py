@@ -33,7 +33,8 @@ def test_label_noise_quick_logs_the_four_cells(store_root):
     assert checks["corr(A dU_S, dU_Q) (Thm 5.1)"]
     assert checks["noise reservoir fraction - signal reservoir fraction (first readout)"]
     metrics = RunStore(store_root).metrics(s["id"], wide=True)
-    for col in ("signal_channel", "signal_reservoir", "noise_channel", "noise_reservoir", "poprisk",
+    for col in ("signal_channel", "signal_reservoir", "noise_channel", "noise_reservoir", "poprisk_loo",
+                "poprisk_gcv", "poprisk_ustat",
                 "heldout_noisy_loss", "test_error"):
         assert col in metrics.columns
     # the cells partition the energies: channel + reservoir = total, the same at every readout
@@ -41,7 +42,7 @@ def test_label_noise_quick_logs_the_four_cells(store_root):
     total = rows["noise_channel"] + rows["noise_reservoir"]
     assert float(total.max() - total.min()) < 1e-6 * float(total.max())
     # the population-risk estimate is logged at every record, not only at readouts
-    assert metrics["poprisk"].notna().sum() > len(rows)
+    assert metrics["poprisk_loo"].notna().sum() > len(rows)
 
 
 @pytest.mark.parametrize("optimizer,extra", [("sgd", ["batch_size=32"]), ("adam", ["lr=3e-3"]),

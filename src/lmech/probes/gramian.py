@@ -108,20 +108,23 @@ Decisions (the notes leave these open; each is tested in ``tests/test_gramian.py
   eigenvalues within a factor 2 of the cut) and, cutoff-free, the *soft* channel energy
   :math:`\sum_j \phi_j c_j^2` with :math:`\phi_j = \min(2\bar b\,\omega_j, 1)` the dissipated
   fraction of mode :math:`j`.
-* **Population risk from one run (Sec. 6, notes 1.6).** With per-example gradients
-  :math:`g_i = J_i^\top\nabla_{u_i}\ell_i` on :math:`S` (:math:`\Phi_S = \frac1n\sum_i\ell_i`),
-  the first-order population-risk change of a step is estimated by the leave-one-out
-  U-statistic, :math:`\widehat{\Delta R} = -\eta \sum_k \pi_k(\bar g_k^2 - \alpha\,\Sigma_{S,k}/(n-1))
-  = -\frac{\eta}{n(n-1)}\sum_{i\ne j} g_i^\top\Pi g_j` (for :math:`\alpha = 1`), computed from
-  the kernel blocks :math:`K_{ij}` (equal to :func:`lmech.optim.poprisk.leave_one_out_term` on the
-  per-example gradients, tested); the training loss changes by
-  :math:`-\eta\,\bar g^\top\Pi\bar g`, which also holds the self-terms. Logged per step:
-  ``poprisk_path`` :math:`= \Phi_S(0) + \sum\widehat{\Delta R}` (the path sum, anchored at the
-  initial training loss, an unbiased estimate of the initial risk) and ``poprisk`` :math:`=
-  \Phi_S(t) + \text{gap}_t` with :math:`\text{gap}_t = \sum \eta\,(\bar g^\top\Pi\bar g +
-  \widehat{\Delta R}/\eta)`, the accumulated self-influence (robust to the second-order error of
-  the path sum). Neither uses the query labels. With minibatches the U-statistic over all of
-  :math:`S` estimates the expected step.
+* **Population risk from one run (Sec. 6, notes 1.6).** Two readings, both logged per step and
+  neither using the query labels. (1) **Leave-one-out along the path** (``poprisk_loo``,
+  ``poprisk_gcv``; :mod:`lmech.probes.path_loo`): :math:`D/n = \partial U_S(T)/\partial y` is the
+  run's hat matrix, and the path-leverage estimate :math:`\frac1n\sum_i\ell(u_i + (I -
+  H_{ii}B_i)^{-1}H_{ii}d_i)` and the path GCV follow from it; these are the estimates the catalog
+  checks. (2) **The instantaneous U-statistic** (``poprisk_ustat*``, our earlier reconstruction,
+  kept for comparison): with per-example gradients :math:`g_i = J_i^\top\nabla_{u_i}\ell_i`, the
+  first-order population-risk change of a step is estimated by :math:`\widehat{\Delta R} =
+  -\eta\sum_k\pi_k(\bar g_k^2 - \alpha\,\Sigma_{S,k}/(n-1)) = -\frac{\eta}{n(n-1)}\sum_{i\ne j}
+  g_i^\top\Pi g_j` (for :math:`\alpha = 1`), computed from the kernel blocks :math:`K_{ij}` (equal to
+  :func:`lmech.optim.poprisk.leave_one_out_term`, tested); ``poprisk_ustat_path`` :math:`=
+  \Phi_S(0) + \sum\widehat{\Delta R}` and ``poprisk_ustat`` :math:`= \Phi_S(t) + \text{gap}_t`,
+  :math:`\text{gap}_t = \sum\eta\,(\bar g^\top\Pi\bar g + \widehat{\Delta R}/\eta)`. Its
+  increments are evaluated at weights trained on the same examples and carry no propagator, so the
+  gap can only grow, by :math:`\eta\,\mathrm{tr}(\Pi\Sigma_S)/(n-1) \ge 0` per step
+  (docs/results/signal-reservoir.md: it does not track the held-out loss, the leave-one-out
+  estimates do).
 
 Cost and memory (measured by ``benchmarks/gramian_cost.py``; see docs/results/signal-reservoir.md)
 ---------------------------------------------------------------------------------------------
@@ -171,6 +174,7 @@ from lmech.core.functional import DEFAULT_MAX_BYTES, FunctionalModel, ParamSelec
 from lmech.core.linalg import check_memory
 from lmech.probes.base import Cost, TrainState
 from lmech.probes.ntk import kernel_drift, per_example_jacobian
+from lmech.probes.path_loo import PathLOO, path_loo
 
 __all__ = [
     "PathRecorder",
@@ -811,7 +815,7 @@ class PathRecorder:
         params: parameter selector (the trained ones; default all).
         y_clean: clean training targets, for the signal / label-noise decomposition.
         loss_scale: the training loss is ``loss_scale`` times :math:`\Phi_S`.
-        alpha: leave-one-out coefficient of the population-risk estimate (1: the U-statistic).
+        alpha: leave-one-out coefficient of the U-statistic estimate (1: the U-statistic).
         max_bytes: memory budget; the constructor refuses above it.
         window: if set, a second window restarts every ``window`` recorded steps
             (:attr:`window_path`), for the operators of the recent past (grokking).
@@ -849,6 +853,7 @@ class PathRecorder:
         self.m = int(self.xs_Q[0].shape[0])
         if self.n < 2:
             raise ValueError(f"the training set S needs at least 2 examples, got {self.n}")
+
         with torch.no_grad(), _eval(model):
             out = model(*(x[:1] for x in self.xs_S))
         self.out_shape = tuple(out.shape[1:])
@@ -978,8 +983,11 @@ class PathRecorder:
         before a scheduler changes it). ``batch``: indices into :math:`S` of the step's minibatch.
 
         Returns cheap per-step scalars: ``loss`` (:math:`\Phi_S` after the step), ``query_loss``
-        (if ``y_query``), ``poprisk`` and ``poprisk_path`` (population-risk estimates),
-        ``poprisk_gap``, ``lin_error`` (relative error of the one-interval linear prediction of
+        (if ``y_query``), the population-risk estimates ``poprisk_loo`` (path-leverage leave-one-out)
+        and ``poprisk_gcv`` (path GCV) with the mean self-leverage ``leverage``
+        (:mod:`lmech.probes.path_loo`), the instantaneous U-statistic reconstruction
+        ``poprisk_ustat``, ``poprisk_ustat_path`` and ``poprisk_ustat_gap`` (module docstring),
+        ``lin_error`` (relative error of the one-interval linear prediction of
         :math:`\Delta U_S`), ``lin_error_query``, ``kernel_trace`` (:math:`\mathrm{tr}K/n`),
         ``drift_fro`` (:math:`\|K-K_0\|_F/\|K_0\|_F`), ``time``; the first-order descent rates at the
         interval start, ``rate_train`` (:math:`\bar g^\top\Pi\bar g`), ``rate_pop`` (its leave-one-out
@@ -1054,8 +1062,10 @@ class PathRecorder:
         lin_S = float((du_S - pred_S).norm() / du_S.norm().clamp_min(1e-300))
         lin_Q = float((du_Q - pred_Q).norm() / du_Q.norm().clamp_min(1e-300))
         self._state = new
-        out = dict(loss=new["phi"], poprisk=new["phi"] + self._gap, poprisk_path=self._phi_init + self._pop_path,
-                   poprisk_gap=self._gap, lin_error=lin_S, lin_error_query=lin_Q,
+        loo = self._path_loo(new["u_S"])
+        out = dict(loss=new["phi"], poprisk_loo=loo.loo, poprisk_gcv=loo.gcv, leverage=loo.leverage,
+                   poprisk_ustat=new["phi"] + self._gap, poprisk_ustat_path=self._phi_init + self._pop_path,
+                   poprisk_ustat_gap=self._gap, lin_error=lin_S, lin_error_query=lin_Q,
                    kernel_trace=float(torch.trace(K)) / self.n,
                    drift_fro=float(torch.linalg.matrix_norm(K - self.K0) / torch.linalg.matrix_norm(self.K0)),
                    time=self.path.time)
@@ -1072,6 +1082,14 @@ class PathRecorder:
             self.window_path = self._new_path(new)
         self.history.append({"step": float(self.step_count), **out})
         return out
+
+    def _path_loo(self, u_S: Tensor) -> PathLOO:
+        """Leave-one-out estimates from the cumulative path (:mod:`lmech.probes.path_loo`); ``nan``
+        with weight decay, whose label dependence the path operator ``D`` does not carry."""
+        if self.path.F_S is not None:
+            nan = float("nan")
+            return PathLOO(loo=nan, gcv=nan, leverage=nan, df=nan)
+        return path_loo(self.path.D, u_S, self.y, self.loss)
 
     def _interval_prediction(self, it: _Interval, g: Tensor) -> tuple[Tensor, Tensor]:
         """One-interval prediction of (dU_S, dU_Q) with the realized buffers (parameter space; the

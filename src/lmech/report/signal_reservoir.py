@@ -120,8 +120,9 @@ def label_noise_figure(rows: list[dict], split, projections: dict, title: str = 
     ax.legend(fontsize=8)
     ax = axes[2]
     ax.plot(steps, _col(rows, "heldout_noisy_loss"), color="k", label="held-out loss (noisy labels, never seen)")
-    ax.plot(steps, _col(rows, "poprisk"), color="tab:green", label="estimate: train loss + LOO gap")
-    ax.plot(steps, _col(rows, "poprisk_path"), color="tab:green", ls=":", label="estimate: LOO path sum")
+    ax.plot(steps, _col(rows, "poprisk_loo"), color="tab:green", label="path-leverage LOO estimate")
+    ax.plot(steps, _col(rows, "poprisk_gcv"), color="tab:olive", label="path GCV estimate")
+    ax.plot(steps, _col(rows, "poprisk_ustat"), color="tab:gray", ls=":", label="U-statistic reconstruction")
     ax.plot(steps, _col(rows, "loss"), color="tab:blue", label="train loss")
     ax.set(xlabel="step", ylabel="1/2 mean squared error", title="validation-free population-risk estimate")
     ax.legend(fontsize=7)
@@ -174,12 +175,12 @@ def noise_table_figure(df, curves: dict):
                      label=f"q = {q:g}")
         m2 = curves[q].dropna(subset=["heldout_noisy_loss"])
         axes[2].plot(m2["step"], m2["heldout_noisy_loss"], color=cmap(i / max(len(qs) - 1, 1)), label=f"held-out, q={q:g}")
-        axes[2].plot(m2["step"], m2["poprisk"], color=cmap(i / max(len(qs) - 1, 1)), ls="--")
+        axes[2].plot(m2["step"], m2["poprisk_loo"], color=cmap(i / max(len(qs) - 1, 1)), ls="--")
     axes[1].set(xlabel="noise energy in the channel (per example)", ylabel="test error",
                 title="test error vs channel noise, over training")
     axes[1].legend(fontsize=8)
     axes[2].set(xlabel="step", ylabel="1/2 MSE", yscale="log",
-                title="held-out loss (solid) vs validation-free estimate (dashed)")
+                title="held-out loss (solid) vs path-leverage LOO estimate (dashed)")
     axes[2].legend(fontsize=7)
     for a in axes:
         a.grid(alpha=0.3)

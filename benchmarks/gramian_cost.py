@@ -7,7 +7,8 @@ Model: an MLP 40 -> width -> width -> 1 (``--width 300``: 103k parameters), floa
 training on |S| = ``--n`` examples, query set |Q| = ``--m``. Reported, as medians over ``--reps``
 repetitions: the time of one training step (forward, backward, optimizer step; the baseline), the
 time of one ``recorder.step`` and its parts (per-example Jacobians of S and Q, the kernel
-contraction [J_S; J_Q] Pi J_S^T, the propagator/Gramian update), the ratio recorder/training step,
+contraction [J_S; J_Q] Pi J_S^T, the propagator/Gramian update, the leave-one-out population-risk
+estimates), the ratio recorder/training step, the overhead at one record every ``--every`` steps,
 the recorder's own memory estimate (:meth:`PathRecorder.memory_estimate`) and the growth of the
 process's peak resident memory (VmHWM) during recording. Then the budget: the sizes at which
 the default 2 GiB budget refuses (``MemoryBudgetError`` before any allocation).
@@ -90,6 +91,7 @@ def main() -> None:
     timer.wrap(gramian, "_interval_ops", "propagator")
     timer.wrap(gramian.GramianPath, "advance", "propagator")
     timer.wrap(gramian.GramianPath, "advance_general", "propagator")
+    timer.wrap(gramian, "path_loo", "loo")
     rss0 = peak_rss_mib()
     rec = PathRecorder(model, x, y, xq, optimizer=opt)
     rec.start()
@@ -123,13 +125,16 @@ def main() -> None:
     b = statistics.median(base)
     jac = statistics.median(p.get("jacobians", 0.0) for p in parts)
     prop = statistics.median(p.get("propagator", 0.0) for p in parts)
+    loo = statistics.median(p.get("loo", 0.0) for p in parts)
     print(f"MLP 40-{args.width}-{args.width}-1: {n_params} parameters, |S| = {args.n}, |Q| = {args.m}, "
           f"{args.optimizer}, every = {args.every}, threads = {args.threads}")
     print(f"training step (baseline)      {1e3 * b:9.1f} ms")
     print(f"recorder.step                 {1e3 * med:9.1f} ms   ratio {med / b:7.1f}x the training step")
     print(f"  per-example Jacobians       {1e3 * jac:9.1f} ms")
     print(f"  propagator / Gramian update {1e3 * prop:9.1f} ms")
-    print(f"  contraction and the rest    {1e3 * (med - jac - prop):9.1f} ms")
+    print(f"  leave-one-out estimates     {1e3 * loo:9.1f} ms   (poprisk_loo, poprisk_gcv from D)")
+    print(f"  contraction and the rest    {1e3 * (med - jac - prop - loo):9.1f} ms")
+    print(f"recording every {args.every} step(s)       {100 * med / (args.every * b):9.1f} % of training time")
     print(f"readout (eigh, coupling, ...) {1e3 * t_read:9.1f} ms")
     print(f"reference GEMM (N+M) x P x N  {1e3 * gemm_s:9.1f} ms   = {flops / gemm_s / 1e9:.1f} GFLOP/s achieved now; "
           f"recorder.step = {med / gemm_s:.1f} such GEMMs")

@@ -38,8 +38,9 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
 def test_run_writes_config_metrics_status_figure(tmp_path):
     out = tmp_path / "store"
     result = runner.invoke(app, ["run", "grokking", *TINY, "--seed", "1", "--out", str(out)])
-    # a 30-step run does not grok, so the check fails and the run is still 'done'
-    assert result.exit_code == 0, result.output
+    # a 30-step run does not grok: the run is 'done', its check fails, and the exit code says so
+    assert result.exit_code == 1, result.output
+    assert "FAIL" in result.output
     (folder,) = [p for p in out.iterdir() if p.is_dir()]
     assert json.loads((folder / "status.json").read_text())["state"] == "done"
     config = json.loads((folder / "config.json").read_text())

@@ -1,7 +1,9 @@
 """The ``lmech`` command line: a thin layer over :mod:`lmech.experiments` and :mod:`lmech.runs`.
 
-Bad input (unknown experiment, key, type or value) prints one line on stderr and exits with code 2
-before anything is written.
+Exit codes: 0 done (and every check passed); 1 a run failed, diverged or a check failed; 2 bad input
+(unknown experiment, key, type or value, a bad seed or thread count, an ``--out`` that cannot be
+written), one line on stderr and nothing written; 130 interrupted. User text (messages, values) is
+printed as it is, never read as rich markup.
 """
 
 from __future__ import annotations
@@ -13,7 +15,9 @@ from typing import List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="lmech: learning mechanics - measure, predict and steer neural-network training.")
@@ -24,8 +28,31 @@ EXIT_BAD_INPUT = 2
 
 
 def _fail(message: str, code: int = EXIT_BAD_INPUT) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    text = Text("error: ", style="bold red")
+    text.append(" ".join(str(message).split()))  # one line, and never markup
+    err_console.print(text, highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def _check_out(path: Path, what: str = "--out") -> None:
+    """Refuse (exit 2) an output folder that is a file or cannot be created or written, before anything runs."""
+    import os
+
+    path = Path(path)
+    probe = path
+    while not probe.exists():  # the nearest existing ancestor must be a writable folder
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        _fail(f"{what} {path} is {'a file' if probe == path else f'inside the file {probe}'}; give a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        _fail(f"{what} {path} cannot be written ({probe} is not writable); give a writable folder")
+
+
+def _check_threads(threads: Optional[int]) -> None:
+    if threads is not None and threads < 1:
+        _fail(f"--threads must be a positive integer, got {threads}")
 
 
 @app.command("list")
@@ -35,7 +62,7 @@ def list_experiments() -> None:
 
     width = max(len(n) for n in experiments.names())
     for name in experiments.names():
-        console.print(f"{name:<{width}}  {experiments.get(name).summary}", highlight=False)
+        console.print(f"{name:<{width}}  {experiments.get(name).summary}", highlight=False, markup=False)
 
 
 @app.command("run")
@@ -51,11 +78,16 @@ def run(
     from lmech import experiments
     from lmech.experiments.base import ConfigError
 
+    from lmech.experiments.base import validate_seed
+
     try:
         exp = experiments.get(experiment)
         exp.make_config(set_, quick=quick)  # validate before anything touches the disk
+        validate_seed(seed)
     except ConfigError as err:
         _fail(str(err))
+    _check_threads(threads)
+    _check_out(out)
     if threads is not None:
         import torch
 
@@ -67,7 +99,10 @@ def run(
                         TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
                         console=console, transient=False)
 
+    started = []
+
     def on_start(run_obj, cfg) -> None:
+        started.append(run_obj.id)
         total = getattr(cfg, "steps", None)
         task = progress.add_task(f"{experiment} {run_obj.id}", total=total, info="")
 
@@ -82,32 +117,37 @@ def run(
             summary = experiments.run_experiment(experiment, set_, seed=seed, out=out, quick=quick, on_start=on_start)
     except KeyboardInterrupt:
         _fail("interrupted; the run folder is kept and marked incomplete", code=130)
-    except Exception as err:  # the run folder already records it as failed
-        _fail(f"run failed: {type(err).__name__}: {err} (run folder kept, status 'failed')", code=1)
+    except ConfigError as err:
+        _fail(str(err))
+    except Exception as err:  # the run folder, if it was made, records it as failed
+        kept = " (run folder kept, status 'failed')" if started else " (no run folder was written)"
+        _fail(f"run failed: {type(err).__name__}: {err}{kept}", code=1)
     _print_summary(summary)
-    if summary["state"] != "done":
-        raise typer.Exit(1)
+    if summary["state"] != "done" or not all(c.passed for c in summary["checks"]):
+        raise typer.Exit(1)  # like `lmech verify`: a failing check is a failing exit code
 
 
 def _print_summary(summary: dict) -> None:
-    console.print(f"run [bold]{summary['id']}[/]: {summary['state']} {summary['message']}".rstrip(), highlight=False)
-    console.print(f"folder: {summary['path']}", highlight=False)
+    console.print(f"run [bold]{escape(summary['id'])}[/]: {summary['state']} {escape(summary['message'])}".rstrip(),
+                  highlight=False)
+    console.print(f"folder: {summary['path']}", highlight=False, markup=False)
     shown = {k: v for k, v in summary["result"].items() if k != "checks"}
     if shown:
-        console.print(json.dumps(shown, indent=None, default=str), highlight=False, soft_wrap=True)
+        console.print(json.dumps(shown, indent=None, default=str), highlight=False, soft_wrap=True, markup=False)
     if summary["checks"]:
         console.print(checks_table(summary["checks"]))
     figures = sorted(Path(summary["path"], "figures").glob("*.png"))
     for fig in figures:
-        console.print(f"figure: {fig}", highlight=False)
+        console.print(f"figure: {fig}", highlight=False, markup=False)
 
 
 def checks_table(rows) -> Table:
     table = Table("quantity", "predicted", "measured", "rel. err", "tolerance", "pass", title="checks")
     for r in rows:
         fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-        table.add_row(r.quantity, fmt(r.predicted), fmt(r.measured), "" if r.rel_err is None else f"{r.rel_err:.3g}",
-                      fmt(r.tolerance), "[green]PASS[/]" if r.passed else "[red]FAIL[/]")
+        table.add_row(escape(r.quantity), escape(fmt(r.predicted)), escape(fmt(r.measured)),
+                      "" if r.rel_err is None else f"{r.rel_err:.3g}",
+                      escape(fmt(r.tolerance)), "[green]PASS[/]" if r.passed else "[red]FAIL[/]")
     return table
 
 
@@ -134,6 +174,7 @@ def sweep(
     from lmech.experiments.base import ConfigError
     from lmech.sweeps import run_sweep, sweep_table
 
+    _check_out(out)
     try:
         grid_dict = parse_grid(grid)
         points = [parse_point(p) for p in point] or None
@@ -145,7 +186,7 @@ def sweep(
     except KeyboardInterrupt:
         _fail("interrupted; unfinished runs are marked incomplete and re-run when the sweep is run again", code=130)
     console.print(sweep_table(df, title=f"sweep {df.attrs['sweep']}"))
-    console.print(f"lmech runs --sweep {df.attrs['sweep']} --out {out}", highlight=False)
+    console.print(f"lmech runs --sweep {df.attrs['sweep']} --out {out}", highlight=False, markup=False)
     if df["state"].isin(["failed", "incomplete", "missing"]).any():
         raise typer.Exit(1)
 
@@ -203,6 +244,7 @@ def compare(
     from lmech.compare import compare_command
     from lmech.experiments.base import ConfigError
 
+    _check_out(out)
     try:
         result = compare_command(experiment, arm, grid, set_, seeds, tune_seed, metric, mode, tiebreak, workers,
                                  out, name, quick)
@@ -210,8 +252,8 @@ def compare(
         _fail(str(err))
     except KeyboardInterrupt:
         _fail("interrupted; run the same command again to resume", code=130)
-    console.print(result.markdown(), highlight=False)
-    console.print(f"table: {result.directory / 'table.md'}\nfigure: {result.figure}", highlight=False)
+    console.print(result.markdown(), highlight=False, markup=False)
+    console.print(f"table: {result.directory / 'table.md'}\nfigure: {result.figure}", highlight=False, markup=False)
 
 
 @app.command("runs")
@@ -244,8 +286,8 @@ def runs(
     colors = {"done": "green", "running": "cyan", "diverged": "yellow", "failed": "red", "incomplete": "magenta"}
     for row in df.itertuples():
         color = colors.get(row.state, "white")
-        table.add_row(row.id, row.experiment, str(row.seed), f"[{color}]{row.state}[/]", str(row.last_step),
-                      (row.message or "")[:60])
+        table.add_row(escape(row.id), escape(row.experiment), str(row.seed), f"[{color}]{row.state}[/]",
+                      str(row.last_step), escape((row.message or "")[:60]))
     console.print(table)
 
 
@@ -259,11 +301,13 @@ def report(
     from lmech.experiments.base import ConfigError
     from lmech.report.build import build_report
 
+    if out is not None:
+        _check_out(out)
     try:
         path = build_report(target, out=out, store=store)
     except ConfigError as err:
         _fail(str(err))
-    console.print(f"report: {path}", highlight=False)
+    console.print(f"report: {path}", highlight=False, markup=False)
 
 
 @app.command("verify")
@@ -280,8 +324,7 @@ def verify(
     from lmech.verify import checked_names, checks_table, resolve_names
     from lmech.verify import verify as run_verify
 
-    if threads < 1:
-        _fail("--threads must be at least 1")
+    _check_threads(threads)
     if every and names:
         _fail("give entry names or --all, not both")
     try:
@@ -294,14 +337,21 @@ def verify(
         mark = "[green]ok[/]" if state == "done" and not bad else f"[red]{bad} failing[/]"
         console.print(f"{name}: {state}, {len(rows)} checks, {mark} ({seconds:.1f} s)", highlight=False)
 
-    console.print(f"verifying {len(todo)} entries{' (quick)' if quick else ''}: {', '.join(todo)}", highlight=False)
+    from lmech.experiments.base import validate_seed
+
+    try:
+        validate_seed(seed)
+    except ConfigError as err:
+        _fail(str(err))
+    _check_out(out)
+    console.print(f"verifying {len(todo)} entries{' (quick)' if quick else ''}: {', '.join(todo)}", highlight=False, markup=False)
     try:
         result = run_verify(todo, quick=quick, out=out, seed=seed, threads=threads, on_entry=progress)
     except ConfigError as err:
         _fail(str(err))
     console.print(checks_table(result.rows, title=f"lmech verify{' --quick' if quick else ''}"))
     console.print(f"{len(result.rows) - len(result.failed)}/{len(result.rows)} checks pass; "
-                  f"summary {result.json_path}; report {result.html_path}", highlight=False)
+                  f"summary {result.json_path}; report {result.html_path}", highlight=False, markup=False)
     if not result.passed:
         raise typer.Exit(1)
 

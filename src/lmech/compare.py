@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from lmech.experiments.base import ConfigError
+from lmech.experiments.base import ConfigError, validate_seed
 
 
 @dataclass(frozen=True)
@@ -155,6 +155,8 @@ def compare(experiment: str, arms: dict[str, dict], grid: dict[str, list], sets:
         raise ConfigError("give a tuning grid (e.g. --grid lr=1e-3,3e-3 --grid weight_decay=0.1,1)")
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise ConfigError(f"seeds must be a positive number of evaluation seeds, got {seeds!r}")
+    validate_seed(tune_seed)
+    validate_seed(tune_seed + seeds)  # the largest seed it runs
     sets = dict(sets or {})
     overlap = {a: sorted(set(s) & set(grid)) for a, s in arms.items() if set(s) & set(grid)}
     if overlap:

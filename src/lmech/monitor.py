@@ -6,12 +6,16 @@ a schedule, within a memory budget, and writes what they measure to sinks.
     from lmech import Monitor
     from lmech.runs import RunStore
 
-    run = RunStore("runs").create("my-experiment", config, seed=0)
-    monitor = Monitor(model, loss_fn, (x_probe, y_probe), probes="economy", every=100,
-                      budget_mb=512, sinks=[run])
-    for step in range(steps):
-        ...                                   # forward, backward, optimizer.step()
-        monitor.step(step, optimizer=opt)     # measures when step % every == 0
+    with RunStore("runs").create("my-experiment", config, seed=0) as run, \
+            Monitor(model, loss_fn, (x_probe, y_probe), probes="economy", every=100,
+                    budget_mb=512, sinks=[run]) as monitor:
+        for step in range(steps):
+            ...                               # forward, backward, optimizer.step()
+            monitor.step(step, optimizer=opt) # measures when step % every == 0
+
+Leaving the ``with`` blocks closes the sinks and marks the run done (failed on an exception). The
+run store flushes buffered metrics every few seconds while metrics arrive and at interpreter exit,
+so a loop that never closes its run loses nothing (the run then reads ``incomplete``).
 
 Guarantees (tested): during a measurement every module is put in ``eval()`` mode and its
 ``training`` flag restored afterwards; parameters, buffers, ``.grad`` fields and the optimizer
@@ -374,6 +378,13 @@ class Monitor:
         """Flush and close every sink."""
         for sink in self.sinks:
             sink.close()
+
+    def __enter__(self) -> "Monitor":
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        self.close()
+        return False
 
     def __repr__(self) -> str:
         names = ", ".join(p.name for p in self.probes)

@@ -75,7 +75,7 @@ def check_finite(loss: float, step: int, last_good_step: int) -> None:
     """Raise :class:`DivergedError` (the run is then recorded as diverged) on a NaN/inf loss."""
     if not math.isfinite(loss):
         raise DivergedError(f"loss became {loss} at step {step} (last finite at step {last_good_step}); "
-                            "lower the learning rate or check the data")
+                            "lower the learning rate or check the data", last_good=last_good_step)
 
 
 def weight_norm(model: nn.Module) -> float:

@@ -163,6 +163,11 @@ def verify(names: list[str] | None = None, quick: bool = False, out: str | Path 
     from lmech import experiments
     from lmech.experiments import run_experiment
 
+    from lmech.experiments.base import validate_seed
+
+    seed = validate_seed(seed)
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"threads must be a positive integer, got {threads!r}")
     todo = resolve_names(names)
     for name in todo:  # validate every config before running anything
         experiments.get(name).make_config(None, quick=quick)

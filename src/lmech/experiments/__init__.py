@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from lmech.experiments.base import CheckRow, ConfigError, Experiment
+from lmech.experiments.base import CheckRow, ConfigError, Experiment, validate_seed
 
 # name -> module that defines it (module-level constant EXPERIMENT)
 _CATALOG: dict[str, str] = {
@@ -56,6 +56,7 @@ def run_experiment(name: str, sets: list[str] | dict[str, Any] | None = None, se
     from lmech.runs import RunStore
 
     exp = get(name)
+    seed = validate_seed(seed)
     cfg = exp.make_config(sets, quick=quick)
     import dataclasses
 

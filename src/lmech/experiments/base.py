@@ -21,6 +21,16 @@ class ConfigError(ValueError):
     """A bad experiment name, key or value. Its message is one line saying what to do."""
 
 
+MAX_SEED = 2**63 - 1  # the run store's index keeps seeds as SQLite INTEGER (signed 64-bit)
+
+
+def validate_seed(seed: Any) -> int:
+    """``seed`` as an int, or :class:`ConfigError` unless it is an integer in ``[0, 2**63 - 1]``."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
+    return int(seed)
+
+
 @dataclass
 class CheckRow:
     """One line of a theory-vs-measurement table.

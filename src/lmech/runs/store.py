@@ -36,7 +36,9 @@ the state; the experiment then continues from that step.
 
 from __future__ import annotations
 
+import atexit
 import datetime as _dt
+import errno
 import json
 import math
 import os
@@ -45,6 +47,7 @@ import socket
 import sqlite3
 import time
 import uuid
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +67,15 @@ CHECKPOINT = "checkpoint.pt"
 
 
 class DivergedError(RuntimeError):
-    """Raised by a training loop when the loss stops being finite; the run is marked diverged."""
+    """Raised by a training loop when the loss stops being finite; the run is marked diverged.
+
+    ``last_good`` (optional) is the last step whose loss was finite: the run's status records it as
+    its last step when that is later than the last logged one.
+    """
+
+    def __init__(self, message: str = "", last_good: int | None = None):
+        super().__init__(message)
+        self.last_good = last_good
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -135,6 +146,20 @@ def effective_state(status: dict) -> str:
     return "running"
 
 
+_OPEN_RUNS: "weakref.WeakSet[Run]" = weakref.WeakSet()
+
+
+@atexit.register
+def _flush_open_runs() -> None:
+    """At interpreter exit, write every unfinished run's buffered metrics (it then reads incomplete)."""
+    for run in list(_OPEN_RUNS):
+        if run.status.get("state") == "running" and run.path.exists():
+            try:
+                run.flush()
+            except Exception:  # noqa: BLE001 - exit must go on; the run stays as its last flush left it
+                pass
+
+
 class Run:
     """A run being written. Create it with :meth:`RunStore.create`; use it as a context manager.
 
@@ -146,6 +171,7 @@ class Run:
     """
 
     def __init__(self, store: "RunStore", run_id: str, path: Path, meta: dict):
+        _OPEN_RUNS.add(self)  # flushed at interpreter exit if never finished (metrics are not lost)
         self.store = store
         self.id = run_id
         self.path = path
@@ -309,6 +335,8 @@ class Run:
         if exc is None:
             self.finish("done")
         elif isinstance(exc, DivergedError):
+            if exc.last_good is not None:
+                self._last_step = max(self._last_step, int(exc.last_good))
             self.finish("diverged", str(exc) or "loss is not finite")
             return True  # a diverged run is a result, not an error
         elif isinstance(exc, KeyboardInterrupt):
@@ -430,11 +458,27 @@ class RunStore:
     # -- creating --------------------------------------------------------------------------------
     def create(self, experiment: str, config: dict, seed: int, sweep: str | None = None,
                run_id: str | None = None) -> Run:
-        """Make a new run folder (atomically: built under a temporary name, then renamed)."""
+        """Make a new run folder (atomically: built under a temporary name, then renamed).
+
+        Without ``run_id`` the id is ``<experiment>-<time>-<config hash>``, with ``-2``, ``-3``, ...
+        appended when another run (another process, the same second) already took it.
+        """
         chash = config_hash(experiment, config, seed)
-        if run_id is None:
-            stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-            run_id = f"{experiment}-{stamp}-{chash[:8]}"
+        if run_id is not None:
+            return self._create(experiment, config, seed, sweep, run_id, chash)
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        base = f"{experiment}-{stamp}-{chash[:8]}"
+        for n in range(1, 1000):
+            candidate = base if n == 1 else f"{base}-{n}"
+            if (self.root / candidate).exists():
+                continue
+            try:
+                return self._create(experiment, config, seed, sweep, candidate, chash)
+            except FileExistsError:  # taken between the check and the rename
+                continue
+        raise FileExistsError(f"no free run id for {base} in {self.root}")
+
+    def _create(self, experiment: str, config: dict, seed: int, sweep: str | None, run_id: str, chash: str) -> Run:
         path = self.root / run_id
         if path.exists():
             raise FileExistsError(f"run folder {path} already exists; pick another id or --out")
@@ -450,7 +494,12 @@ class RunStore:
             run._write_status("running")
             with self._db() as con:  # the row commits only if the rename happened
                 self._upsert(con, meta, run.status)
-                os.replace(staging, path)
+                try:
+                    os.replace(staging, path)
+                except OSError as err:
+                    if err.errno in (errno.ENOTEMPTY, errno.EEXIST):  # another process made this run id
+                        raise FileExistsError(f"run folder {path} already exists") from err
+                    raise
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)  # nothing half-made stays behind
             raise

@@ -46,7 +46,7 @@ from numbers import Integral
 from pathlib import Path
 from typing import Any
 
-from lmech.experiments.base import ConfigError, _coerce_known, parse_sets
+from lmech.experiments.base import ConfigError, _coerce_known, parse_sets, validate_seed
 from lmech.runs.provenance import config_hash
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
@@ -221,7 +221,7 @@ def _seed_list(seeds: int | list[int]) -> list[int]:
         raise ConfigError(f"seeds must be a count or a list of integers, got {seeds!r}") from None
     if not out or len(set(out)) != len(out):
         raise ConfigError(f"seeds must be a non-empty list without repeats, got {out}")
-    return out
+    return [validate_seed(s) for s in out]
 
 
 def _grid_points(grid: dict, random: int | None) -> list[dict]:

@@ -106,3 +106,47 @@ def test_sweep_killed_with_sigkill_continues_the_run_from_its_checkpoint(tmp_pat
     b = store.metrics(run_id).sort_values(["step", "name"]).reset_index(drop=True)
     pd.testing.assert_frame_equal(a, b)
     assert straight["result"]["final_test_acc"] == store.result(run_id)["final_test_acc"]
+
+
+def test_lmech_run_takes_up_an_incomplete_run_and_says_so(tmp_path):
+    """A `lmech run` killed with SIGKILL, then the same command again: it continues that run from its
+    checkpoint (same id, one run in the store) and ends with the uninterrupted run's metrics."""
+    sets = {**SMALL, "steps": 2000, "checkpoint_every": 200}
+    args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    root = tmp_path / "store"
+    proc = subprocess.Popen([sys.executable, "-m", "lmech.cli", "run", "grokking", *args, "--out", str(root)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(root.glob("grokking-*/checkpoint.pt")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or hung before a checkpoint"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    (killed,) = RunStore(root).runs()["id"]
+    again = subprocess.run([sys.executable, "-m", "lmech.cli", "run", "grokking", *args, "--out", str(root)],
+                           capture_output=True, text=True, timeout=300)
+    assert f"found incomplete run {killed} with this config and seed: continuing it from its checkpoint" in " ".join(
+        again.stdout.split())
+    store = RunStore(root)
+    assert store.runs()["id"].tolist() == [killed] and store.status(killed)["state"] == "done"
+    straight = run_experiment("grokking", sets, seed=0, out=tmp_path / "straight", run_id="straight")
+    a = RunStore(tmp_path / "straight").metrics("straight").sort_values(["step", "name"]).reset_index(drop=True)
+    b = store.metrics(killed).sort_values(["step", "name"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+    assert straight["result"]["final_test_acc"] == store.result(killed)["final_test_acc"]
+
+
+def test_an_incomplete_run_without_checkpoint_is_replaced_under_its_id(tmp_path):
+    sets = {**SMALL, "checkpoint_every": 0}
+    with pytest.raises(Interrupt):
+        run_experiment("grokking", sets, seed=3, out=tmp_path, on_start=_interrupt_after(20))
+    store = RunStore(tmp_path)
+    (cut,) = store.runs()["id"]
+    # same process: the writer is alive, so it reads running; mark it as a dead writer would leave it
+    status = store.status(cut)
+    status["pid"] = 2**22 + 12345  # no such process
+    (tmp_path / cut / "status.json").write_text(__import__("json").dumps(status))
+    summary = run_experiment("grokking", sets, seed=3, out=tmp_path)
+    assert summary["id"] == cut and summary["taken_up"] == {"id": cut, "step": None}
+    assert store.runs()["state"].tolist() == ["done"]
+    assert (tmp_path / ".attempts" / cut / "1" / "config.json").exists()

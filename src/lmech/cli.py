@@ -103,6 +103,13 @@ def run(
 
     def on_start(run_obj, cfg) -> None:
         started.append(run_obj.id)
+        if run_obj.taken_up is not None:
+            step = run_obj.taken_up["step"]
+            how = (f"continuing it from its checkpoint at step {step}" if step is not None
+                   else "it left no checkpoint, so it starts over under the same id")
+            console.print(f"found incomplete run {run_obj.id} with this config and seed: {how} "
+                          f"(the interrupted attempt is kept in {out}/.attempts/{run_obj.id})",
+                          highlight=False, markup=False, soft_wrap=True)
         total = getattr(cfg, "steps", None)
         task = progress.add_task(f"{experiment} {run_obj.id}", total=total, info="")
 

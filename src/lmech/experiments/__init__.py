@@ -48,10 +48,17 @@ def get(name: str) -> Experiment:
 def run_experiment(name: str, sets: list[str] | dict[str, Any] | None = None, seed: int = 0,
                    out: str | Path = "runs", quick: bool = False, sweep: str | None = None,
                    run_id: str | None = None,
-                   on_start: Callable[[Any, Any], None] | None = None) -> dict:
+                   on_start: Callable[[Any, Any], None] | None = None, resume: bool = True) -> dict:
     """Validate the config (nothing is written if it is bad), then run it into the store.
 
-    Returns a summary dict: ``id``, ``path``, ``state``, ``message``, ``result`` and ``checks``.
+    With ``resume`` (and no ``run_id``/``sweep``), an incomplete run of the same experiment, config
+    and seed in the store (its process died) is taken up instead of starting a new one: its folder
+    is moved to ``.attempts`` and the run continues under its id from its last checkpoint, for
+    entries that checkpoint (the grokking entry), or starts over under that id.
+
+    Returns a summary dict: ``id``, ``path``, ``state``, ``message``, ``result``, ``checks`` and
+    ``taken_up`` (``None``, or ``{"id", "step"}``: the incomplete run taken up, ``step`` its last
+    checkpoint, ``None`` when it left none and started over).
     """
     from lmech.runs import RunStore
 
@@ -62,7 +69,15 @@ def run_experiment(name: str, sets: list[str] | dict[str, Any] | None = None, se
 
     config = dataclasses.asdict(cfg)
     store = RunStore(Path(out))
+    taken_up = None
+    if resume and run_id is None and sweep is None:
+        run_id = store.incomplete_copy(name, config, seed)
+        if run_id is not None:
+            step = store.checkpoint_step(run_id)
+            store.retire(run_id)
+            taken_up = {"id": run_id, "step": step}
     run = store.create(name, config, seed, sweep=sweep, run_id=run_id)
+    run.taken_up = taken_up
     if on_start is not None:
         on_start(run, cfg)
     start = time.perf_counter()
@@ -76,7 +91,7 @@ def run_experiment(name: str, sets: list[str] | dict[str, Any] | None = None, se
         run.set_result(**result)
     status = store.status(run.id)
     return {"id": run.id, "path": str(run.path), "state": status["state"], "message": status.get("message", ""),
-            "result": store.result(run.id), "checks": checks}
+            "result": store.result(run.id), "checks": checks, "taken_up": taken_up}
 
 
 __all__ = ["CheckRow", "ConfigError", "Experiment", "get", "names", "run_experiment"]

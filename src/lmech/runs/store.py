@@ -185,6 +185,7 @@ class Run:
         self._last_step = -1
         self._result: dict = {}
         self.status: dict = {}
+        self.taken_up: dict | None = None  # the incomplete run this one continues (run_experiment)
 
     # -- writing -------------------------------------------------------------------------------
     def log(self, step: int, **values: float) -> None:
@@ -607,6 +608,26 @@ class RunStore:
         if not folder.is_dir():
             return []
         return sorted((p for p in folder.iterdir() if p.name.isdigit()), key=lambda p: -int(p.name))
+
+    def checkpoint_step(self, run: str) -> int | None:
+        """The step of the checkpoint in ``run``'s folder, or ``None`` if it has no readable one."""
+        import torch
+
+        path = self.resolve(run) / CHECKPOINT
+        try:
+            return int(torch.load(path, weights_only=True)["step"]) if path.exists() else None
+        except Exception:  # noqa: BLE001 - a checkpoint cut short is no checkpoint
+            return None
+
+    def incomplete_copy(self, experiment: str, config: dict, seed: int, sweep: str | None = None) -> str | None:
+        """The newest run outside any sweep, of this experiment, config and seed, whose writer died
+        (state ``incomplete``), or ``None``: what ``lmech run`` continues instead of starting over."""
+        if not self.index_path.exists():
+            return None
+        chash = config_hash(experiment, config, seed)
+        df = self.runs(experiment=experiment)
+        df = df[(df["config_hash"] == chash) & (df["state"] == "incomplete") & df["sweep"].isna()]
+        return None if df.empty else str(df["id"].iloc[-1])
 
     def mark_failed(self, run: str, message: str) -> dict:
         """Record an unfinished run as failed (its writer died; e.g. a worker process was killed).

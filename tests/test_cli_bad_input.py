@@ -34,8 +34,8 @@ def assert_bad_input(result, message, written):
 @pytest.mark.parametrize("args, message", [
     (["run", "grokking", "--seed", "-1"], "seed must be an integer from 0 to 2**63 - 1, got -1"),
     (["run", "grokking", "--seed", "99999999999999999999"], "seed must be an integer from 0 to 2**63 - 1"),
-    (["run", "grokking", "--threads", "0"], "--threads must be a positive integer, got 0"),
-    (["run", "grokking", "--threads", "-3"], "--threads must be a positive integer, got -3"),
+    (["run", "grokking", "--threads", "0"], "--threads must be a positive integer (at most 4096), got 0"),
+    (["run", "grokking", "--threads", "-3"], "--threads must be a positive integer (at most 4096), got -3"),
     (["verify", "deep-linear", "--seed", "-1"], "seed must be an integer from 0 to 2**63 - 1"),
     (["verify", "deep-linear", "--threads", "0"], "--threads must be a positive integer"),
     (["sweep", "grokking", "--seeds", "0"], "seeds must be at least 1"),

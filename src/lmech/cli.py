@@ -14,12 +14,38 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+import typer.core
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+class _OneLineErrors(typer.core.TyperGroup):
+    """Usage errors (a bad option type, a missing argument) as one ``error:`` line, exit 2, like every
+    other bad input, instead of click's multi-line usage box."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        cx = sys.modules[typer.BadParameter.__module__]  # click's exceptions, as typer ships or imports them
+
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except getattr(cx, "NoArgsIsHelpError", ()) as err:
+            typer.echo(err.ctx.get_help() if err.ctx else err.format_message())
+            code = 0
+        except cx.ClickException as err:
+            where = f" (see `{err.ctx.command_path} --help`)" if getattr(err, "ctx", None) else ""
+            text = Text("error: ", style="bold red")
+            text.append(" ".join(err.format_message().split()) + where)
+            err_console.print(text, highlight=False, soft_wrap=True)
+            code = err.exit_code
+        except (typer.Abort, getattr(cx, "Abort", typer.Abort)):
+            code = 130
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_OneLineErrors,
                   help="lmech: learning mechanics - measure, predict and steer neural-network training.")
 console = Console()
 err_console = Console(stderr=True)
@@ -50,9 +76,12 @@ def _check_out(path: Path, what: str = "--out") -> None:
         _fail(f"{what} {path} cannot be written ({probe} is not writable); give a writable folder")
 
 
+MAX_THREADS = 4096
+
+
 def _check_threads(threads: Optional[int]) -> None:
-    if threads is not None and threads < 1:
-        _fail(f"--threads must be a positive integer, got {threads}")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        _fail(f"--threads must be a positive integer (at most {MAX_THREADS}), got {threads}")
 
 
 @app.command("list")
@@ -61,8 +90,26 @@ def list_experiments() -> None:
     from lmech import experiments
 
     width = max(len(n) for n in experiments.names())
-    for name in experiments.names():
-        console.print(f"{name:<{width}}  {experiments.get(name).summary}", highlight=False, markup=False)
+    for name in experiments.names():  # one line each: cut to the terminal's width, never wrapped
+        console.print(f"{name:<{width}}  {experiments.get(name).summary}", highlight=False, markup=False,
+                      no_wrap=True, overflow="ellipsis")
+
+
+@app.command("show")
+def show(experiment: str = typer.Argument(..., help="experiment name (see `lmech list`)")) -> None:
+    """Show an experiment's config keys: type (or allowed values), default, quick value and what each is."""
+    from lmech import experiments
+    from lmech.experiments.base import ConfigError, describe_config
+
+    try:
+        exp = experiments.get(experiment)
+    except ConfigError as err:
+        _fail(str(err))
+    console.print(f"{exp.name}: {exp.summary}", highlight=False, markup=False)
+    table = Table("key", "type", "default", "--quick", "what it is", title=f"lmech run {exp.name} --set key=value")
+    for row in describe_config(exp):
+        table.add_row(*(escape(row[k]) for k in ("key", "type", "default", "quick", "doc")))
+    console.print(table)
 
 
 @app.command("run")
@@ -70,11 +117,14 @@ def run(
     experiment: str = typer.Argument(..., help="experiment name (see `lmech list`)"),
     set_: List[str] = typer.Option([], "--set", help="override a config key: --set key=value (repeatable)"),
     seed: int = typer.Option(0, "--seed", help="random seed (data split, init, batches)"),
-    out: Path = typer.Option(Path("runs"), "--out", help="run store folder"),
+    out: Path = typer.Option(Path("runs"), "--out", "--store", help="run store folder"),
     quick: bool = typer.Option(False, "--quick", help="the experiment's small, real configuration"),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch intra-op threads"),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory",
+                                             help="refuse a config estimated above this (e.g. 8G, 512M; "
+                                                  "default: the memory available)"),
 ) -> None:
-    """Run one experiment and store its config, metrics, status and figures."""
+    """Run one experiment and store its config, metrics, status and figures (`lmech show NAME` lists its keys)."""
     from lmech import experiments
     from lmech.experiments.base import ConfigError
 
@@ -84,6 +134,7 @@ def run(
         exp = experiments.get(experiment)
         exp.make_config(set_, quick=quick)  # validate before anything touches the disk
         validate_seed(seed)
+        limit = None if max_memory is None else parse_bytes(max_memory)
     except ConfigError as err:
         _fail(str(err))
     _check_threads(threads)
@@ -93,11 +144,7 @@ def run(
 
         torch.set_num_threads(threads)
 
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-                        console=console, transient=False)
+    from lmech.experiments.progress import RunProgress
 
     started = []
 
@@ -110,18 +157,10 @@ def run(
             console.print(f"found incomplete run {run_obj.id} with this config and seed: {how} "
                           f"(the interrupted attempt is kept in {out}/.attempts/{run_obj.id})",
                           highlight=False, markup=False, soft_wrap=True)
-        total = getattr(cfg, "steps", None)
-        task = progress.add_task(f"{experiment} {run_obj.id}", total=total, info="")
-
-        def update(step: int, values: dict) -> None:
-            shown = [f"{k}={values[k]:.4g}" for k in ("train_loss", "loss", "test_loss", "test_acc") if k in values]
-            progress.update(task, completed=step, info=" ".join(shown))
-
-        run_obj.on_log.append(update)
 
     try:
-        with progress:
-            summary = experiments.run_experiment(experiment, set_, seed=seed, out=out, quick=quick, on_start=on_start)
+        summary = experiments.run_experiment(experiment, set_, seed=seed, out=out, quick=quick, on_start=on_start,
+                                             progress=RunProgress(console), max_memory=limit)
     except KeyboardInterrupt:
         _fail("interrupted; the run folder is kept and marked incomplete", code=130)
     except ConfigError as err:
@@ -134,11 +173,20 @@ def run(
         raise typer.Exit(1)  # like `lmech verify`: a failing check is a failing exit code
 
 
+def _rounded(value):
+    """Floats to 4 significant digits for printing (the stored result keeps full precision)."""
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
+
+
 def _print_summary(summary: dict) -> None:
     console.print(f"run [bold]{escape(summary['id'])}[/]: {summary['state']} {escape(summary['message'])}".rstrip(),
                   highlight=False)
     console.print(f"folder: {summary['path']}", highlight=False, markup=False)
-    shown = {k: v for k, v in summary["result"].items() if k != "checks"}
+    shown = {k: _rounded(v) for k, v in summary["result"].items() if k != "checks"}
     if shown:
         console.print(json.dumps(shown, indent=None, default=str), highlight=False, soft_wrap=True, markup=False)
     if summary["checks"]:
@@ -172,7 +220,7 @@ def sweep(
     executor: str = typer.Option("local", "--executor", help="local (process per run) or ray"),
     workers: Optional[int] = typer.Option(None, "--workers", help="runs at a time (default: CPU count)"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address (default: start a local one)"),
-    out: Path = typer.Option(Path("runs"), "--out", help="run store folder"),
+    out: Path = typer.Option(Path("runs"), "--out", "--store", help="run store folder"),
     name: Optional[str] = typer.Option(None, "--name", help="sweep name (default: from experiment, sets and grid)"),
     retry_failed: bool = typer.Option(False, "--retry-failed", help="re-run runs that failed before"),
     quick: bool = typer.Option(False, "--quick", help="start from the experiment's small, real configuration"),
@@ -196,6 +244,22 @@ def sweep(
     console.print(f"lmech runs --sweep {df.attrs['sweep']} --out {out}", highlight=False, markup=False)
     if df["state"].isin(["failed", "incomplete", "missing"]).any():
         raise typer.Exit(1)
+
+
+def parse_bytes(text: str) -> int:
+    """``"8G"`` -> 8 GiB in bytes (suffixes K, M, G, T, powers of 1024; none: bytes)."""
+    from lmech.experiments.base import ConfigError
+
+    units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    raw = text.strip().upper().removesuffix("B").removesuffix("I")
+    number, unit = (raw[:-1], raw[-1]) if raw[-1:] in units and raw[-1:] else (raw, "")
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise ConfigError(f"--max-memory {text!r} is not a size (e.g. 8G, 512M)") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise ConfigError(f"--max-memory must be a positive size, got {text!r}")
+    return int(value)
 
 
 def parse_point(item: str) -> dict:
@@ -243,7 +307,7 @@ def compare(
     mode: Optional[str] = typer.Option(None, "--mode", help="min or max"),
     tiebreak: Optional[str] = typer.Option(None, "--tiebreak", help="result key ranking runs that lack the metric"),
     workers: Optional[int] = typer.Option(2, "--workers", help="runs at a time"),
-    out: Path = typer.Option(Path("runs"), "--out", help="run store folder"),
+    out: Path = typer.Option(Path("runs"), "--out", "--store", help="run store folder"),
     name: Optional[str] = typer.Option(None, "--name", help="comparison name (default: from its inputs)"),
     quick: bool = typer.Option(False, "--quick", help="start from the experiment's small, real configuration"),
 ) -> None:
@@ -265,7 +329,7 @@ def compare(
 
 @app.command("runs")
 def runs(
-    out: Path = typer.Option(Path("runs"), "--out", help="run store folder"),
+    out: Path = typer.Option(Path("runs"), "--out", "--store", help="run store folder"),
     experiment: Optional[str] = typer.Option(None, "--experiment", "-e", help="only this experiment"),
     sweep_name: Optional[str] = typer.Option(None, "--sweep", help="summary table of one sweep"),
     reindex: bool = typer.Option(False, "--reindex", help="rebuild the index from the run folders first"),
@@ -356,7 +420,8 @@ def verify(
         result = run_verify(todo, quick=quick, out=out, seed=seed, threads=threads, on_entry=progress)
     except ConfigError as err:
         _fail(str(err))
-    console.print(checks_table(result.rows, title=f"lmech verify{' --quick' if quick else ''}"))
+    flags = "".join(f" {f}" for f, on in (("--all", every), ("--quick", quick)) if on)
+    console.print(checks_table(result.rows, title=f"lmech verify{flags}"))
     console.print(f"{len(result.rows) - len(result.failed)}/{len(result.rows)} checks pass; "
                   f"summary {result.json_path}; report {result.html_path}", highlight=False, markup=False)
     if not result.passed:
@@ -365,7 +430,8 @@ def verify(
 
 @app.command("lab")
 def lab(
-    out: Path = typer.Option(Path("runs"), "--out", help="run store folder to show and to run into"),
+    out: Path = typer.Option(Path("runs"), "--out", "--store",
+                                help="run store folder to show and to run into"),
     host: str = typer.Option("127.0.0.1", "--host", help="interface to listen on (default: this machine only)"),
     port: int = typer.Option(8000, "--port", help="TCP port"),
     max_active: int = typer.Option(1, "--max-active", help="playground runs at a time"),

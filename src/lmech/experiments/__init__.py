@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from lmech.experiments.base import CheckRow, ConfigError, Experiment, validate_seed
+from lmech.experiments.base import CheckRow, ConfigError, Experiment, check_memory_estimate, validate_seed
+from lmech.experiments.progress import RunProgress
 
 # name -> module that defines it (module-level constant EXPERIMENT)
 _CATALOG: dict[str, str] = {
@@ -48,13 +49,20 @@ def get(name: str) -> Experiment:
 def run_experiment(name: str, sets: list[str] | dict[str, Any] | None = None, seed: int = 0,
                    out: str | Path = "runs", quick: bool = False, sweep: str | None = None,
                    run_id: str | None = None,
-                   on_start: Callable[[Any, Any], None] | None = None, resume: bool = True) -> dict:
+                   on_start: Callable[[Any, Any], None] | None = None, resume: bool = True,
+                   progress: "bool | RunProgress" = False, max_memory: int | None = None) -> dict:
     """Validate the config (nothing is written if it is bad), then run it into the store.
 
     With ``resume`` (and no ``run_id``/``sweep``), an incomplete run of the same experiment, config
     and seed in the store (its process died) is taken up instead of starting a new one: its folder
     is moved to ``.attempts`` and the run continues under its id from its last checkpoint, for
     entries that checkpoint (the grokking entry), or starts over under that id.
+
+    A configuration whose estimated peak memory (the entry's ``memory``) exceeds ``max_memory``
+    bytes (default: the memory available now) is refused with :class:`ConfigError`.
+
+    ``progress``: ``True`` shows the run's progress on the console (a bar on a terminal, a line every
+    10 s otherwise; :mod:`lmech.experiments.progress`), or pass a configured ``RunProgress``.
 
     Returns a summary dict: ``id``, ``path``, ``state``, ``message``, ``result``, ``checks`` and
     ``taken_up`` (``None``, or ``{"id", "step"}``: the incomplete run taken up, ``step`` its last
@@ -65,6 +73,7 @@ def run_experiment(name: str, sets: list[str] | dict[str, Any] | None = None, se
     exp = get(name)
     seed = validate_seed(seed)
     cfg = exp.make_config(sets, quick=quick)
+    check_memory_estimate(exp, cfg, max_memory)
     import dataclasses
 
     config = dataclasses.asdict(cfg)
@@ -80,15 +89,22 @@ def run_experiment(name: str, sets: list[str] | dict[str, Any] | None = None, se
     run.taken_up = taken_up
     if on_start is not None:
         on_start(run, cfg)
+    reporter = RunProgress() if progress is True else (progress or None)
+    if reporter is not None:
+        reporter.start(run, cfg, name)
     start = time.perf_counter()
     checks: list[CheckRow] = []
-    with run:
-        result = exp.run(cfg, run, seed) or {}
-        result["wall_time_s"] = round(time.perf_counter() - start, 3)
-        if exp.check is not None:
-            checks = exp.check(result)
-            result["checks"] = [c.as_dict() for c in checks]
-        run.set_result(**result)
+    try:
+        with run:
+            result = exp.run(cfg, run, seed) or {}
+            result["wall_time_s"] = round(time.perf_counter() - start, 3)
+            if exp.check is not None:
+                checks = exp.check(result)
+                result["checks"] = [c.as_dict() for c in checks]
+            run.set_result(**result)
+    finally:
+        if reporter is not None:
+            reporter.finish(store.status(run.id)["state"])
     status = store.status(run.id)
     return {"id": run.id, "path": str(run.path), "state": status["state"], "message": status.get("message", ""),
             "result": store.result(run.id), "checks": checks, "taken_up": taken_up}

@@ -24,6 +24,32 @@ class ConfigError(ValueError):
 MAX_SEED = 2**63 - 1  # the run store's index keeps seeds as SQLite INTEGER (signed 64-bit)
 
 
+def available_memory() -> int | None:
+    """Bytes of memory available to a new allocation (Linux ``MemAvailable``), or ``None`` if unknown."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def check_memory_estimate(exp: "Experiment", cfg: Any, max_memory: int | None = None) -> None:
+    """:class:`ConfigError` when the entry's estimate for ``cfg`` exceeds ``max_memory`` (default: the
+    memory available now), before anything is allocated or written."""
+    if exp.memory is None:
+        return
+    need = int(exp.memory(cfg))
+    limit = max_memory if max_memory is not None else available_memory()
+    if limit is not None and need > limit:
+        raise ConfigError(f"this {exp.name} configuration needs about {need / 2**30:.3g} GiB (parameters, optimizer "
+                          f"state and activations, estimated from the config) but {limit / 2**30:.3g} GiB "
+                          f"{'are allowed (--max-memory)' if max_memory is not None else 'are available'}; "
+                          "make the model or batch smaller")
+
+
 def validate_seed(seed: Any) -> int:
     """``seed`` as an int, or :class:`ConfigError` unless it is an integer in ``[0, 2**63 - 1]``."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
@@ -76,6 +102,8 @@ class Experiment:
     run: Callable[..., dict]
     check: Callable[[dict], list[CheckRow]] | None = None
     quick: dict[str, Any] = field(default_factory=dict)  # overrides for a small, real configuration
+    # bytes a run of this config needs at its peak, estimated without allocating (refused above the limit)
+    memory: Callable[[Any], int] | None = None
 
     def make_config(self, sets: list[str] | dict[str, Any] | None = None, quick: bool = False) -> Any:
         overrides = dict(self.quick) if quick else {}
@@ -104,6 +132,49 @@ def parse_sets(exp: Experiment, sets: list[str]) -> dict[str, Any]:
 def config_fields(config_cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(config_cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(config_cls)}
+
+
+def _type_text(annotation: Any) -> str:
+    """``Literal["a", "b"]`` -> ``a | b``; ``Union[float, Literal["x"]]`` -> ``float | x``; ``int`` -> ``int``."""
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return " | ".join(map(str, get_args(annotation)))
+    if origin in (typing.Union, types.UnionType):
+        return " | ".join(_type_text(a) for a in get_args(annotation))
+    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+
+
+def describe_config(exp: Experiment) -> list[dict[str, str]]:
+    """One row per config key: ``key``, ``type`` (a ``Literal`` lists its values), ``default``, ``quick``
+    (its value in the quick configuration, if different) and ``doc`` (the comment on the field's line,
+    or the comment lines just above it, in the config class's source)."""
+    import inspect
+    import re
+
+    try:
+        source = inspect.getsource(exp.config).splitlines()
+    except (OSError, TypeError):
+        source = []
+    docs, above = {}, []
+    for line in source:
+        stripped = line.strip()
+        if stripped.startswith("#"):
+            above.append(stripped.lstrip("# ").strip())
+            continue
+        match = re.match(r"^\s+(\w+)\s*:", line)
+        if match:
+            trailing = line.split("#", 1)[1].strip() if "#" in line else ""
+            docs[match.group(1)] = trailing or " ".join(above)
+        above = []
+    rows = []
+    defaults = exp.config()
+    for f in dataclasses.fields(exp.config):
+        kind = _type_text(config_fields(exp.config)[f.name])
+        default = getattr(defaults, f.name)
+        quick = exp.quick.get(f.name, default)
+        rows.append({"key": f.name, "type": kind, "default": str(default),
+                     "quick": "" if quick == default else str(quick), "doc": docs.get(f.name, "")})
+    return rows
 
 
 def _coerce_known(exp: Experiment, key: str, raw: Any) -> Any:

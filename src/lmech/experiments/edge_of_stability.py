@@ -51,7 +51,7 @@ from typing import Literal
 
 import torch
 
-from lmech.experiments.base import CheckRow, Experiment, require
+from lmech.experiments.base import CheckRow, ConfigError, Experiment, require
 from lmech.models import MLP
 from lmech.probes.sharpness import sharpness
 from lmech.tasks import digits, mnist1d
@@ -110,7 +110,7 @@ def parse_lrs(text: str) -> list[float]:
     try:
         return [float(t) for t in text.replace(" ", "").split(",") if t]
     except ValueError:
-        raise ValueError(f"gd_lrs must be comma-separated numbers like 0.06,0.12, got {text!r}") from None
+        raise ConfigError(f"gd_lrs must be comma-separated numbers like 0.06,0.12, got {text!r}") from None
 
 
 @dataclass

@@ -37,34 +37,34 @@ from lmech.train import check_finite, evaluate, minibatches, weight_norm
 
 @dataclass
 class GrokkingConfig:
-    model: Literal["transformer", "mlp"] = "transformer"
-    op: Literal["+", "-", "*", "/"] = "/"
-    p: int = 97
-    train_fraction: float = 0.25
-    steps: int = 50_000
-    lr: float = 1e-3
-    weight_decay: float = 1.0
-    beta1: float = 0.9
+    model: Literal["transformer", "mlp"] = "transformer"  # 2-layer transformer on tokens, or MLP on one-hots
+    op: Literal["+", "-", "*", "/"] = "/"                 # c = a op b mod p
+    p: int = 97                                            # the modulus (a prime)
+    train_fraction: float = 0.25                           # share of the equations used for training
+    steps: int = 50_000                                    # step cap (stops earlier once grokked, see patience)
+    lr: float = 1e-3                                       # peak learning rate
+    weight_decay: float = 1.0                              # decoupled weight decay
+    beta1: float = 0.9                                     # optimizer betas
     beta2: float = 0.98
-    warmup: int = 10
-    batch_size: int = 512
+    warmup: int = 10                                       # linear learning-rate warm-up, steps
+    batch_size: int = 512                                  # minibatch size (>= n_train: full batch)
     optimizer: Literal["adamw", "adam", "sgd", "poprisk", "grokfast"] = "adamw"
     # PopRiskAdamW (optimizer=poprisk) and Grokfast-EMA (optimizer=grokfast): lmech.experiments.optimizer_keys
-    gate: Literal["soft", "hard", "snr", "none"] = "soft"
-    alpha: Union[float, Literal["fresh", "finite"]] = "fresh"
-    softness: float = 1.0
-    rho: float = 0.99
-    gate_warmup: int = 0
-    gate_weight_decay: bool = False
-    reduction: Literal["element", "tensor"] = "element"
-    grokfast_alpha: float = 0.98
-    grokfast_lamb: float = 2.0
-    width: int = 128
-    depth: int = 2
-    heads: int = 4
-    eval_every: int = 50
-    patience: int = 1000
-    checkpoint_every: int = 2000
+    gate: Literal["soft", "hard", "snr", "none"] = "soft"  # PopRiskAdamW's gate
+    alpha: Union[float, Literal["fresh", "finite"]] = "fresh"  # leave-one-out weight: a number, 1, or b/(n-b)
+    softness: float = 1.0                                  # the gate's lambda
+    rho: float = 0.99                                      # EMA rate of the gradient-variance estimate
+    gate_warmup: int = 0                                   # steps with the gate held open
+    gate_weight_decay: bool = False                        # multiply the weight decay by the gate
+    reduction: Literal["element", "tensor"] = "element"   # one gate per element or per tensor
+    grokfast_alpha: float = 0.98                           # Grokfast's gradient EMA rate
+    grokfast_lamb: float = 2.0                             # Grokfast's amplification
+    width: int = 128                                       # model width (d_model or hidden units)
+    depth: int = 2                                         # layers
+    heads: int = 4                                         # attention heads (transformer)
+    eval_every: int = 50                                   # steps between evaluations on the full splits
+    patience: int = 1000                                   # stop once held-out accuracy stayed >= 99% this long
+    checkpoint_every: int = 2000                           # steps between checkpoints (0: never)
 
     def validate(self) -> None:
         require(self.p >= 3, f"p must be a prime >= 3, got {self.p}")
@@ -98,6 +98,24 @@ def build(cfg: GrokkingConfig, seed: int):
     else:
         model = MLP(d_in=2 * cfg.p, d_out=cfg.p, width=cfg.width, depth=cfg.depth)
     return data, model
+
+
+def memory_bytes(cfg: GrokkingConfig) -> int:
+    """Peak bytes of a run, estimated from the config without allocating (the model is built on
+    torch's ``meta`` device to count parameters): float32 parameters times 6 (weights, gradients,
+    two Adam moments, PopRisk's or Grokfast's extra state, a checkpoint copy) plus the activations
+    of a training batch (kept for the backward pass, with their gradients) or of an evaluation chunk
+    of 8,192 examples, whichever is larger: per example and layer about 2 numbers per unit for the
+    MLP, 60 per model dimension for the transformer (4 positions: q, k, v, attention, 4x-wide MLP)."""
+    with torch.device("meta"):
+        if cfg.model == "transformer":
+            model = Transformer(vocab_size=cfg.p + 2, seq_len=4, n_out=cfg.p, d_model=cfg.width, n_heads=cfg.heads,
+                                n_layers=cfg.depth, d_mlp=4 * cfg.width)
+        else:
+            model = MLP(d_in=2 * cfg.p, d_out=cfg.p, width=cfg.width, depth=cfg.depth)
+    params = sum(p.numel() for p in model.parameters())
+    per_example = (60 if cfg.model == "transformer" else 2) * cfg.width * cfg.depth + 2 * cfg.p
+    return 4 * (6 * params + max(2 * cfg.batch_size, 8192) * per_example)
 
 
 def run(cfg: GrokkingConfig, run, seed: int) -> dict:
@@ -184,6 +202,7 @@ EXPERIMENT = Experiment(
     config=GrokkingConfig,
     run=run,
     check=check,
+    memory=memory_bytes,
     # the README main job: groks (held-out 95%) at about step 10,500, ~40 s on 2 cores
     quick={"model": "mlp", "op": "+", "train_fraction": 0.4, "steps": 20_000},
 )

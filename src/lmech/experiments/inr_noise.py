@@ -182,6 +182,7 @@ def _save_figure(run, cfg: INRNoiseConfig, x: Tensor, clean: Tensor, y: Tensor, 
     ax.set(xscale="log", yscale="log", xlabel="step", ylabel="MSE", title="fit error")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
+    x, y, clean, fit = (t.detach().cpu().numpy() for t in (x, y, clean, fit))  # matplotlib wants arrays
     if cfg.dim == 1:
         ax = axes[1]
         ax.plot(x[:, 0], y[:, 0], ".", ms=3, color="gray", label="noisy targets")

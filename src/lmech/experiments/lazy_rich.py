@@ -75,7 +75,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmech.experiments.base import CheckRow, Experiment, require
+from lmech.experiments.base import CheckRow, ConfigError, Experiment, require
 from lmech.models import MLP
 from lmech.mup import from_factory
 from lmech.probes.ntk import kernel_drift, ntk
@@ -124,7 +124,7 @@ def parse_list(text: str, kind):
     try:
         return sorted({kind(t) for t in text.replace(" ", "").split(",") if t})
     except ValueError:
-        raise ValueError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+        raise ConfigError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
 
 
 class Centered(nn.Module):

@@ -56,7 +56,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmech.experiments.base import CheckRow, Experiment, require
+from lmech.experiments.base import CheckRow, ConfigError, Experiment, require
 from lmech.models import MLP, Transformer
 from lmech.mup import coord_check, from_factory
 from lmech.tasks import mnist1d, modular_arithmetic
@@ -106,7 +106,7 @@ def parse_widths(text: str) -> list[int]:
     try:
         return sorted({int(t) for t in text.replace(" ", "").split(",") if t})
     except ValueError:
-        raise ValueError(f"widths must be comma-separated integers like 64,256,1024, got {text!r}") from None
+        raise ConfigError(f"widths must be comma-separated integers like 64,256,1024, got {text!r}") from None
 
 
 def mlp_factory(width: int) -> MLP:

@@ -178,11 +178,14 @@ def _save_figure(run, cfg, gx, gt, u, u_star, x_ic, u0, u_fit0, step_to_target) 
     ax.grid(alpha=0.3)
     extent = (0, 1, 0, TWO_PI)
     for ax, img, title in ((axes[1], u, "PINN u(x, t)"), (axes[2], u_star, "exact sin(x - beta t)")):
+        img = torch.as_tensor(img).detach().cpu().numpy()  # matplotlib wants arrays
         ax.imshow(img, origin="lower", aspect="auto", extent=extent, cmap="RdBu_r", vmin=-1.1, vmax=1.1)
         ax.set(xlabel="t", ylabel="x", title=title)
     ax = axes[3]
+    clean = torch.sin(x_ic)
+    x_ic, u0, clean, u_fit0 = (torch.as_tensor(t).detach().cpu().numpy() for t in (x_ic, u0, clean, u_fit0))
     ax.plot(x_ic, u0, ".", ms=3, color="gray", label="noisy u(x, 0)")
-    ax.plot(x_ic, torch.sin(x_ic), color="black", lw=1, label="clean")
+    ax.plot(x_ic, clean, color="black", lw=1, label="clean")
     ax.plot(x_ic, u_fit0, color="tab:red", lw=1, label="PINN")
     ax.set(xlabel="x", title="initial condition")
     ax.legend(fontsize=8)

@@ -246,7 +246,8 @@ def render_verify(folder: Path) -> Rendered:
         sections.append(Section(f"{entry} ({run_id})", [b for sec in run_secs if sec.title == "Figures"
                                                          for b in sec.blocks]))
     subtitle = f"lmech verify: {len(rows)} checks, {failed} failing; {folder}"
-    return Rendered("verify", folder.name, _page(f"lmech report: verify {folder.name}", subtitle, sections), figures)
+    title = "lmech verify" if folder.name == "verify" else f"lmech verify: {folder.name}"
+    return Rendered("verify", folder.name, _page(title, subtitle, sections), figures)
 
 
 # -- writing ---------------------------------------------------------------------------------------

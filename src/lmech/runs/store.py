@@ -232,11 +232,13 @@ class Run:
         if self._scalars:
             steps, names, values = zip(*self._scalars)
             table = pa.table({"step": steps, "name": names, "value": values}, schema=SCALAR_SCHEMA)
+            (self.path / "metrics").mkdir(exist_ok=True)  # gone once a finished run compacted its parts
             _atomic_write_table(self.path / "metrics" / f"part-{self._part:06d}.parquet", table)
             self._scalars = []
         if self._arrays:
             steps, names, values = zip(*self._arrays)
             table = pa.table({"step": steps, "name": names, "values": values}, schema=ARRAY_SCHEMA)
+            (self.path / "arrays").mkdir(exist_ok=True)
             _atomic_write_table(self.path / "arrays" / f"part-{self._part:06d}.parquet", table)
             self._arrays = []
         self._part += 1
@@ -313,6 +315,10 @@ class Run:
             _atomic_write_table(self.path / target, table)
             for p in parts:  # readers prefer the compacted file, so removal order is irrelevant
                 p.unlink(missing_ok=True)
+            try:
+                (self.path / sub).rmdir()  # the parts folder is empty now: a finished run has none
+            except OSError:
+                pass
 
     def _write_status(self, state: str, message: str = "") -> None:
         self.status = {

@@ -3,7 +3,7 @@
     python scripts/readme_expected_output.py
 
 Runs ``lmech run grokking --set model=mlp --set op=+ --set train_fraction=0.4`` in a fresh store,
-drops the progress lines (they depend on the machine's speed), writes the run id as
+drops the progress lines and the wall time (they depend on the machine's load), writes the run id as
 ``grokking-<time>-<hash>`` and the store as ``runs``, and replaces the block between the
 ``expected-output`` markers. The figure becomes docs/results/grokking-mlp.png.
 """
@@ -33,6 +33,7 @@ def main() -> None:
         shutil.copy(run_dir / "figures" / "grokking.png", ROOT / "docs" / "results" / "grokking-mlp.png")
         lines = [line for line in proc.stdout.splitlines() if not re.match(r"^grokking: step \d+", line)]
         text = "\n".join(lines).replace(str(store), "runs").replace(run_dir.name, "grokking-<time>-<hash>")
+        text = re.sub(r'"wall_time_s": [0-9.]+', '"wall_time_s": <seconds>', text)  # the machine's, not the code's
     readme = (ROOT / "README.md").read_text()
     head, rest = readme.split(START)
     _, tail = rest.split(END)

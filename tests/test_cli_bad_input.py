@@ -3,6 +3,7 @@ written; user text printed as it is; exit codes of a finished run; what a stoppe
 
 import json
 import os
+from pathlib import Path
 import subprocess
 import sys
 import textwrap
@@ -42,6 +43,11 @@ def assert_bad_input(result, message, written):
     (["run", "grokking", "--set", "model=[mlp]"], "'[mlp]' is not one of transformer, mlp"),
     (["run", "grokking", "--set", "model=[/x]"], "'[/x]' is not one of transformer, mlp"),
     (["run", "grokking", "--set", "lr=[bold]x"], "'[bold]x' is not a number"),
+    (["run", "grokking", "--set", "model=mlp", "--set", "width=1000000"], "needs about 2.25e+04 GiB"),
+    (["run", "grokking", "--max-memory", "100M"], "needs about 0.484 GiB"),
+    (["run", "grokking", "--max-memory", "lots"], "--max-memory 'lots' is not a size"),
+    (["run", "grokking", "--seed", "true"], "Invalid value for '--seed'"),
+    (["run", "grokking", "--bogus"], "No such option: --bogus"),
 ])
 def test_bad_values_exit_2_with_one_line_and_write_nothing(tmp_path, args, message):
     out = tmp_path / "store"
@@ -199,3 +205,26 @@ def test_a_loop_that_never_closes_its_run_loses_no_metrics(tmp_path):
     time.sleep(0.1)
     assert store.status(run_id)["state"] == "incomplete"
     assert sorted(store.metrics(run_id, wide=True)["step"]) == [0, 100, 200]
+
+
+def test_list_is_one_line_per_entry_and_show_lists_the_keys():
+    listing = lmech("list")
+    from lmech import experiments
+
+    assert listing.returncode == 0 and len(listing.stdout.strip().splitlines()) == len(experiments.names())
+    shown = lmech("show", "grokking")
+    assert shown.returncode == 0
+    for key in ("train_fraction", "checkpoint_every", "patience"):
+        assert key in shown.stdout
+    assert "transformer | mlp" in shown.stdout and "share of the equations used for training" in shown.stdout
+    assert_bad_input(lmech("show", "nosuch"), "unknown experiment 'nosuch'", Path("/nonexistent"))
+
+
+def test_a_finished_run_has_no_empty_parts_folders(tmp_path):
+    from lmech.experiments import run_experiment
+
+    summary = run_experiment("grokking", {"model": "mlp", "p": 11, "steps": 20, "eval_every": 10, "width": 8},
+                             out=tmp_path)
+    folder = Path(summary["path"])
+    assert not (folder / "metrics").exists() and not (folder / "arrays").exists()
+    assert (folder / "metrics.parquet").exists() and len(RunStore(tmp_path).metrics(summary["id"])) > 0

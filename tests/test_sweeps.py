@@ -349,3 +349,14 @@ def test_cli_points_run_and_bad_point_exits_2(tmp_path):
     assert sorted(RunStore(out).runs()["state"]) == ["done", "done"]
     bad = runner.invoke(app, ["sweep", "grokking", *TINY_ARGS, "--point", "optimizer", "--out", str(tmp_path / "b")])
     assert bad.exit_code == 2 and "is not key=value" in bad.output and not (tmp_path / "b").exists()
+
+
+def test_a_run_another_sweep_made_first_is_reported_not_failed(store_root):
+    """Two identical sweeps at once: the second finds the run's folder made by the first; its outcome is
+    the first's state with a plain message, not a FileExistsError."""
+    from lmech.sweeps.worker import execute
+
+    (spec,) = plan_sweep("grokking", sets=TINY, seeds=1, out=store_root).runs
+    experiments.run_experiment("grokking", spec.overrides, seed=spec.seed, out=store_root, run_id=spec.run_id)
+    outcome = execute(spec)
+    assert outcome["state"] == "done" and outcome["message"] == "run by another sweep at the same time"

@@ -185,7 +185,6 @@ def _rounded(value):
 def _print_summary(summary: dict) -> None:
     console.print(f"run [bold]{escape(summary['id'])}[/]: {summary['state']} {escape(summary['message'])}".rstrip(),
                   highlight=False)
-    console.print(f"folder: {summary['path']}", highlight=False, markup=False)
     shown = {k: _rounded(v) for k, v in summary["result"].items() if k != "checks"}
     if shown:
         console.print(json.dumps(shown, indent=None, default=str), highlight=False, soft_wrap=True, markup=False)
@@ -193,7 +192,7 @@ def _print_summary(summary: dict) -> None:
         console.print(checks_table(summary["checks"]))
     figures = sorted(Path(summary["path"], "figures").glob("*.png"))
     for fig in figures:
-        console.print(f"figure: {fig}", highlight=False, markup=False)
+        console.print(f"figure: {fig}", highlight=False, markup=False, soft_wrap=True)
 
 
 def checks_table(rows) -> Table:
@@ -375,6 +374,11 @@ def report(
     if out is not None:
         _check_out(out)
     try:
+        from lmech.report.build import resolve_target
+
+        kind, _, what = resolve_target(target, store)  # refuses a bad target before anything is printed
+        console.print(f"building the report of {kind} {what} (figures of every run; this can take a while)",
+                      highlight=False, markup=False, soft_wrap=True)
         path = build_report(target, out=out, store=store)
     except ConfigError as err:
         _fail(str(err))

@@ -68,6 +68,10 @@ def execute(spec: RunSpec) -> dict:
         summary = experiments.run_experiment(spec.experiment, spec.overrides, seed=spec.seed, out=spec.out,
                                              quick=spec.quick, sweep=spec.sweep, run_id=spec.run_id)
         state, message, result = summary["state"], summary["message"], summary["result"]
+    except FileExistsError:  # another sweep (or invocation) made this run first and is running or ran it
+        store = RunStore(spec.out)
+        status = store.status(spec.run_id)
+        state, message, result = status["state"], "run by another sweep at the same time", store.result(spec.run_id)
     except Exception as err:  # recorded in the run folder as failed (if the folder was made)
         state, message, result = "failed", f"{type(err).__name__}: {err}", {}
         store = RunStore(spec.out)

@@ -308,6 +308,7 @@ def write_report(out: Path) -> Path:
         "PROXY_TABLE": proxy_section(out),
         "MECHANISM_FIGURE": mechanism_figure(out),
         "TRANSFORMER_TABLE": transformer_section(out),
+        "GROKKING_PAPER_TABLE": grokking_paper_section(),
     }
     text = template
     for key, value in sections.items():
@@ -315,6 +316,14 @@ def write_report(out: Path) -> Path:
     path = DOCS / "poprisk.md"
     path.write_text(text)
     return path
+
+
+def grokking_paper_section() -> str:
+    """The paper-setting sweep over seeds (its own store, results/grokking-paper; scripts/grokking_paper.sh)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from grokking_paper_table import table
+
+    return table(str(ROOT / "results" / "grokking-paper"))
 
 
 def proxy_section(out: Path) -> str:

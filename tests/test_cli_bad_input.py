@@ -228,3 +228,16 @@ def test_a_finished_run_has_no_empty_parts_folders(tmp_path):
     folder = Path(summary["path"])
     assert not (folder / "metrics").exists() and not (folder / "arrays").exists()
     assert (folder / "metrics.parquet").exists() and len(RunStore(tmp_path).metrics(summary["id"])) > 0
+
+
+def test_an_out_that_cannot_be_written_exits_2(tmp_path, monkeypatch):
+    # a read-only file system (root ignores permission bits, so the check itself is made to fail here)
+    from typer.testing import CliRunner
+
+    import lmech.cli
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)
+    out = tmp_path / "store"
+    for command in (["run", "grokking", *TINY], ["sweep", "grokking", *TINY], ["verify", "deep-linear"]):
+        result = CliRunner().invoke(lmech.cli.app, [*command, "--out", str(out)])
+        assert result.exit_code == 2 and "cannot be written" in result.stderr and not out.exists(), result.output

@@ -1,6 +1,7 @@
 """Checkpoints: an interrupted grokking run continues from its last checkpoint and logs exactly what
 an uninterrupted run logs (in-process interruption, and a sweep killed with SIGKILL)."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -87,13 +88,7 @@ def test_sweep_killed_with_sigkill_continues_the_run_from_its_checkpoint(tmp_pat
     script = tmp_path / "sweep.py"
     script.write_text(KILLED.format(sets=sets))
     root = tmp_path / "store"
-    proc = subprocess.Popen([sys.executable, str(script), str(root)])
-    deadline = time.monotonic() + 120
-    while not list(root.glob("grokking-*/checkpoint.pt")):
-        assert proc.poll() is None and time.monotonic() < deadline, "the sweep ended or hung before a checkpoint"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_after_first_checkpoint([sys.executable, str(script), str(root)], root)
     time.sleep(0.5)  # the run process exits with its driver
 
     df = run_sweep("grokking", sets=sets, seeds=[0], workers=1, out=root, progress=False)
@@ -101,11 +96,7 @@ def test_sweep_killed_with_sigkill_continues_the_run_from_its_checkpoint(tmp_pat
     store = RunStore(root)
     status = store.status(run_id)
     assert df["state"][0] == "done" and status["resumed_from"]["step"] >= 200
-    straight = run_experiment("grokking", sets, seed=0, out=tmp_path / "straight", run_id="straight")
-    a = RunStore(tmp_path / "straight").metrics("straight").sort_values(["step", "name"]).reset_index(drop=True)
-    b = store.metrics(run_id).sort_values(["step", "name"]).reset_index(drop=True)
-    pd.testing.assert_frame_equal(a, b)
-    assert straight["result"]["final_test_acc"] == store.result(run_id)["final_test_acc"]
+    _assert_same_as_uninterrupted(sets, store, run_id, tmp_path)
 
 
 def test_lmech_run_takes_up_an_incomplete_run_and_says_so(tmp_path):
@@ -114,14 +105,7 @@ def test_lmech_run_takes_up_an_incomplete_run_and_says_so(tmp_path):
     sets = {**SMALL, "steps": 2000, "checkpoint_every": 200}
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     root = tmp_path / "store"
-    proc = subprocess.Popen([sys.executable, "-m", "lmech.cli", "run", "grokking", *args, "--out", str(root)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not list(root.glob("grokking-*/checkpoint.pt")):
-        assert proc.poll() is None and time.monotonic() < deadline, "the run ended or hung before a checkpoint"
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    _kill_after_first_checkpoint([sys.executable, "-m", "lmech.cli", "run", "grokking", *args, "--out", str(root)], root)
     (killed,) = RunStore(root).runs()["id"]
     again = subprocess.run([sys.executable, "-m", "lmech.cli", "run", "grokking", *args, "--out", str(root)],
                            capture_output=True, text=True, timeout=300)
@@ -129,11 +113,7 @@ def test_lmech_run_takes_up_an_incomplete_run_and_says_so(tmp_path):
         again.stdout.split())
     store = RunStore(root)
     assert store.runs()["id"].tolist() == [killed] and store.status(killed)["state"] == "done"
-    straight = run_experiment("grokking", sets, seed=0, out=tmp_path / "straight", run_id="straight")
-    a = RunStore(tmp_path / "straight").metrics("straight").sort_values(["step", "name"]).reset_index(drop=True)
-    b = store.metrics(killed).sort_values(["step", "name"]).reset_index(drop=True)
-    pd.testing.assert_frame_equal(a, b)
-    assert straight["result"]["final_test_acc"] == store.result(killed)["final_test_acc"]
+    _assert_same_as_uninterrupted(sets, store, killed, tmp_path)
 
 
 def test_an_incomplete_run_without_checkpoint_is_replaced_under_its_id(tmp_path):
@@ -145,8 +125,27 @@ def test_an_incomplete_run_without_checkpoint_is_replaced_under_its_id(tmp_path)
     # same process: the writer is alive, so it reads running; mark it as a dead writer would leave it
     status = store.status(cut)
     status["pid"] = 2**22 + 12345  # no such process
-    (tmp_path / cut / "status.json").write_text(__import__("json").dumps(status))
+    (tmp_path / cut / "status.json").write_text(json.dumps(status))
     summary = run_experiment("grokking", sets, seed=3, out=tmp_path)
     assert summary["id"] == cut and summary["taken_up"] == {"id": cut, "step": None}
     assert store.runs()["state"].tolist() == ["done"]
     assert (tmp_path / ".attempts" / cut / "1" / "config.json").exists()
+
+
+def _kill_after_first_checkpoint(command: list[str], root) -> None:
+    """Start ``command``, SIGKILL it as soon as a run folder under ``root`` holds a checkpoint."""
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(root.glob("grokking-*/checkpoint.pt")):
+        assert proc.poll() is None and time.monotonic() < deadline, "it ended or hung before a checkpoint"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+
+def _assert_same_as_uninterrupted(sets: dict, store: RunStore, run_id: str, tmp_path) -> None:
+    straight = run_experiment("grokking", sets, seed=0, out=tmp_path / "straight", run_id="straight")
+    a = RunStore(tmp_path / "straight").metrics("straight").sort_values(["step", "name"]).reset_index(drop=True)
+    b = store.metrics(run_id).sort_values(["step", "name"]).reset_index(drop=True)
+    pd.testing.assert_frame_equal(a, b)
+    assert straight["result"]["final_test_acc"] == store.result(run_id)["final_test_acc"]

@@ -210,6 +210,8 @@ class Run:
         atomic_write_json(self.path / "result.json", self._result)
 
     def save_figure(self, fig: Any, name: str, formats: tuple[str, ...] = ("png",)) -> list[Path]:
+        """Save a matplotlib figure as ``figures/<name>.<fmt>`` (atomically) and close it (pyplot keeps
+        open figures alive; a long process saving many would accumulate them)."""
         out = []
         fig_dir = self.path / "figures"
         fig_dir.mkdir(exist_ok=True)
@@ -219,6 +221,9 @@ class Run:
             fig.savefig(tmp, format=fmt, dpi=120, bbox_inches="tight")
             os.replace(tmp, target)
             out.append(target)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
         return out
 
     def metrics(self, wide: bool = False):

@@ -56,7 +56,32 @@ def _fmt(value: float, censored: bool) -> str:
 def table(out: str) -> str:
     from lmech.sweeps import summary
 
-    return table_from_frame(summary("grokking-paper", out=out))
+    df = summary("grokking-paper", out=out)
+    return table_from_frame(df) + "\n\n" + unfinished(df, out)
+
+
+def unfinished(df, out: str) -> str:
+    """A line per started but unfinished run: its arm, seed, last logged step and held-out accuracy
+    (from its folder, or from the newest earlier attempt that a restart moved aside)."""
+    from lmech.runs import RunStore
+
+    store = RunStore(out)
+    lines = []
+    for row in df[df["state"] != "done"].itertuples():
+        folders = [store.root / row.run_id] + store.attempts(row.run_id)
+        folder = next((f for f in folders if (f / "config.json").exists()), None)
+        if folder is None:
+            continue
+        metrics = store.metrics(folder, wide=True)
+        if metrics.empty or "test_acc" not in metrics:
+            continue
+        last = metrics.dropna(subset=["test_acc"]).iloc[-1]
+        arm = next((label for label, params in ARMS.items() if len(_select(df[df["run_id"] == row.run_id], params))),
+                   "?")
+        lines.append(f"* {arm}, seed {row.seed}: {row.state if folder.name == row.run_id else 'interrupted'} at step "
+                     f"{int(last['step']):,}, held-out accuracy {float(last['test_acc']):.3f}")
+    return ("Started, not finished (the sweep continues them from their last checkpoint):\n\n" + "\n".join(lines)
+            if lines else "")
 
 
 def table_from_frame(df) -> str:

@@ -178,3 +178,22 @@ def test_build_model_registry():
                                   n_heads=2, d_mlp=16), Transformer)
     with pytest.raises(ValueError, match="valid names:.*mlp"):
         build_model("resnet50")
+
+
+def test_transformer_last_position_path_equals_the_full_forward():
+    # forward() runs the last block at the last position only; the full computation (every block at
+    # every position, then the last row) must give the same outputs and the same gradients
+    from lmech.models import Transformer
+
+    torch.manual_seed(0)
+    net = Transformer(vocab_size=13, seq_len=5, n_out=7, d_model=16, n_heads=4, n_layers=3).double()
+    tokens = torch.randint(0, 13, (9, 5))
+
+    def full(m):
+        return m.unembed(m.ln_f(m.features(tokens)[-1][:, -1]))
+
+    fast = net(tokens)
+    torch.testing.assert_close(fast, full(net), rtol=1e-12, atol=1e-13)
+    grads = [torch.autograd.grad(f.pow(2).sum(), list(net.parameters())) for f in (net(tokens), full(net))]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

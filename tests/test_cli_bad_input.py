@@ -1,7 +1,6 @@
 """Bad input through the real command (a subprocess): exit code 2, one line on stderr, nothing
 written; user text printed as it is; exit codes of a finished run; what a stopped loop keeps."""
 
-import json
 import os
 from pathlib import Path
 import subprocess

@@ -57,6 +57,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lmech.runs.atomic import atomic_write_table, atomic_write_bytes, atomic_write_json
 from lmech.runs.provenance import config_hash, provenance
 
 DEFAULT_ROOT = "runs"
@@ -76,39 +77,6 @@ class DivergedError(RuntimeError):
     def __init__(self, message: str = "", last_good: int | None = None):
         super().__init__(message)
         self.last_good = last_good
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a mix."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n").encode())
-
-
-def _json_default(obj: Any) -> Any:
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (np.floating,)):
-        return float(obj)
-    if isinstance(obj, np.ndarray):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serializable: {type(obj).__name__}")
-
-
-def _atomic_write_table(path: Path, table: pa.Table) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
 
 
 def _now() -> str:
@@ -238,13 +206,13 @@ class Run:
             steps, names, values = zip(*self._scalars)
             table = pa.table({"step": steps, "name": names, "value": values}, schema=SCALAR_SCHEMA)
             (self.path / "metrics").mkdir(exist_ok=True)  # gone once a finished run compacted its parts
-            _atomic_write_table(self.path / "metrics" / f"part-{self._part:06d}.parquet", table)
+            atomic_write_table(self.path / "metrics" / f"part-{self._part:06d}.parquet", table)
             self._scalars = []
         if self._arrays:
             steps, names, values = zip(*self._arrays)
             table = pa.table({"step": steps, "name": names, "values": values}, schema=ARRAY_SCHEMA)
             (self.path / "arrays").mkdir(exist_ok=True)
-            _atomic_write_table(self.path / "arrays" / f"part-{self._part:06d}.parquet", table)
+            atomic_write_table(self.path / "arrays" / f"part-{self._part:06d}.parquet", table)
             self._arrays = []
         self._part += 1
         self._write_status("running")
@@ -317,7 +285,7 @@ class Run:
             parts = sorted((self.path / sub).glob("part-*.parquet"))
             tables = [pq.read_table(p) for p in parts]
             table = pa.concat_tables(tables) if tables else schema.empty_table()
-            _atomic_write_table(self.path / target, table)
+            atomic_write_table(self.path / target, table)
             for p in parts:  # readers prefer the compacted file, so removal order is irrelevant
                 p.unlink(missing_ok=True)
             try:

@@ -48,8 +48,9 @@ a frozen kernel has converged, within 4-6% of exact leave-one-out by retraining 
 label-noise network, but biased before convergence (the self-consistency treats an example's target
 as its final leave-one-out output along the whole path) and broken for small networks trained near
 interpolation: as the self-leverage goes to 1 both estimates become ratios of vanishing numbers
-(GCV, which uses only the mean leverage, degrades more slowly). The recorder must start at the initial weights (a window opened later
-gives the leave-one-out of that window only). With weight decay the decay term
+(GCV, which uses only the mean leverage, degrades more slowly). The recorder must start at the
+initial weights (a window opened later gives the leave-one-out of that window only). With weight
+decay the decay term
 :math:`\lambda w_k` depends on the labels through :math:`w_k`, which :math:`D` does not track, so
 the recorder reports ``nan`` for both estimates instead of a biased number.
 

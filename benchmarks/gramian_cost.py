@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from lmech.core import MemoryBudgetError
+from lmech.errors import MemoryBudgetError
 from lmech.models import MLP
 from lmech.probes import gramian
 from lmech.probes.gramian import PathRecorder, half_mse

@@ -215,7 +215,7 @@ def _pivot(tuning, grid_keys: list[str], value: str) -> str:
 
 def sweep_section(name: str, out: Path, cols: list[str], last: tuple[str, ...] = ()) -> str:
     """A sweep's runs: grid values, seed, state, result keys ``cols`` and the last logged value of ``last``."""
-    from lmech.experiments.base import ConfigError
+    from lmech.errors import ConfigError
     from lmech.runs import RunStore
     from lmech.sweeps import summary
 
@@ -267,7 +267,7 @@ def curve_panels(store, curves: list[tuple[str, str, str, str]], title: str, nam
 
 def mechanism_figure(out: Path) -> str:
     """Grokking MLP at lr 3e-3, wd 1: AdamW and the PopRiskAdamW ablation runs, curves side by side."""
-    from lmech.experiments.base import ConfigError
+    from lmech.errors import ConfigError
     from lmech.runs import RunStore
     from lmech.sweeps import summary
 
@@ -348,7 +348,7 @@ def transformer_section(out: Path) -> str:
 
 def transformer_figure(out: Path) -> str:
     """Held-out and training accuracy, weight norm and mean gate of the transformer runs, by step."""
-    from lmech.experiments.base import ConfigError
+    from lmech.errors import ConfigError
     from lmech.runs import RunStore
     from lmech.sweeps import summary
 

@@ -5,7 +5,7 @@ import pytest
 
 from lmech.experiments import get
 from lmech.experiments.attention_particles import check, cluster_plateaus
-from lmech.experiments.base import ConfigError
+from lmech.errors import ConfigError
 
 
 def test_cluster_plateaus():

@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 
 from lmech.cli import app
 from lmech.compare import GOALS, Goal, _score, compare, markdown_table, parse_arm, summary_table
-from lmech.experiments.base import ConfigError
+from lmech.errors import ConfigError
 
 TINY_INR = {"resolution": 16, "steps": 12, "width": 8, "depth": 1, "n_features": 4, "eval_every": 4,
             "batch_size": 4}

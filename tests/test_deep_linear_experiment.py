@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lmech.experiments import get
-from lmech.experiments.base import ConfigError
+from lmech.errors import ConfigError
 from lmech.experiments.deep_linear import DeepLinearConfig, check, make_problem
 
 

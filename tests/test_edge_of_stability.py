@@ -3,7 +3,7 @@
 import pytest
 
 from lmech.experiments import get, run_experiment
-from lmech.experiments.base import ConfigError
+from lmech.errors import ConfigError
 from lmech.experiments.edge_of_stability import (
     EdgeOfStabilityConfig,
     arms,

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lmech.experiments._laws import first_crossing, loglog_slope, order_row, parse_list
-from lmech.experiments.base import ConfigError
+from lmech.errors import ConfigError
 
 
 def test_parse_list():

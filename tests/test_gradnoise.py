@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmech.core import MemoryBudgetError, per_example_grads
+from lmech.core import per_example_grads
+from lmech.errors import MemoryBudgetError
 from lmech.probes.base import TrainState
 from lmech.probes.gradnoise import GradNoiseProbe, grad_noise
 

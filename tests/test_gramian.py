@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmech.core import MemoryBudgetError, per_example_grads
+from lmech.core import per_example_grads
+from lmech.errors import MemoryBudgetError
 from lmech.models import MLP
 from lmech.optim import PopRiskAdamW
 from lmech.optim.poprisk import leave_one_out_term

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from lmech.experiments import get
-from lmech.experiments.base import ConfigError
+from lmech.errors import ConfigError
 from lmech.experiments.kernel_curves import KernelCurvesConfig, check, gram, mnist1d_task, synthetic_task
 from lmech.theory import kernels as kr
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lmech.experiments import get, run_experiment
-from lmech.experiments.base import ConfigError
+from lmech.errors import ConfigError
 from lmech.experiments.lazy_rich import Centered, slope
 from lmech.runs import load
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lmech
-from lmech.core import MemoryBudgetError
+from lmech.errors import MemoryBudgetError
 from lmech.monitor import ListSink, LossProbe, Monitor, RunSink, TensorBoardSink, preset
 from lmech.probes.sharpness import SharpnessProbe
 from lmech.runs import RunStore

@@ -5,7 +5,7 @@ import math
 import pytest
 
 from lmech.experiments import get, run_experiment
-from lmech.experiments.base import ConfigError
+from lmech.errors import ConfigError
 from lmech.experiments.mup import grid_optimum, vertex_optimum
 from lmech.runs import load
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmech.core import MemoryBudgetError, jacobian
+from lmech.core import jacobian
+from lmech.errors import MemoryBudgetError
 from lmech.probes.base import TrainState, differentiable_kernels
 from lmech.probes.ntk import (
     NTKProbe,

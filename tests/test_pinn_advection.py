@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from lmech.experiments import get, run_experiment
-from lmech.experiments.base import ConfigError
+from lmech.errors import ConfigError
 from lmech.experiments.pinn_advection import PINN, exact, residual
 from lmech.runs import load
 

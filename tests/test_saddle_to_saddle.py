@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lmech.experiments import get
-from lmech.experiments.base import ConfigError
+from lmech.errors import ConfigError
 from lmech.experiments.saddle_to_saddle import count_steps, learned_fractions, linear_run, modular_problem
 from lmech.theory import deep_linear as dl
 

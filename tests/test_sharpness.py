@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lmech.core import FunctionalModel, MemoryBudgetError, flatten, hvp, unflatten
+from lmech.core import FunctionalModel, flatten, hvp, unflatten
+from lmech.errors import MemoryBudgetError
 from lmech.probes.base import TrainState, differentiable_kernels
 from lmech.probes.sharpness import (
     HessianOperator,

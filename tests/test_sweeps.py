@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from lmech import experiments
 from lmech.cli import app
-from lmech.experiments.base import ConfigError
+from lmech.errors import ConfigError
 from lmech.runs import RunStore, config_hash, load
 from lmech.sweeps import plan_sweep, run_sweep, summary
 

@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 
 from lmech import experiments
 from lmech.cli import app
-from lmech.experiments.base import CheckRow, ConfigError, Experiment
+from lmech.experiments.base import CheckRow, Experiment
+from lmech.errors import ConfigError
 from lmech.verify import LAW_CATALOG, VerifyResult, checked_names, default_names, resolve_names, verify
 
 LAW_ENTRIES = list(LAW_CATALOG)

@@ -6,6 +6,10 @@ predictions, and a catalog of experiments where theory is checked against measur
 
 __version__ = "0.1.0"
 
+from lmech.errors import ConfigError, DivergedError, LmechError, MemoryBudgetError  # noqa: E402  (light)
+
+__all__ = ["ConfigError", "DivergedError", "LmechError", "MemoryBudgetError", "Monitor"]
+
 
 def __getattr__(name: str):
     # lazy: `import lmech` stays light; `lmech.Monitor` imports the probes on first use

@@ -99,7 +99,8 @@ def list_experiments() -> None:
 def show(experiment: str = typer.Argument(..., help="experiment name (see `lmech list`)")) -> None:
     """Show an experiment's config keys: type (or allowed values), default, quick value and what each is."""
     from lmech import experiments
-    from lmech.experiments.base import ConfigError, describe_config
+    from lmech.experiments.base import describe_config
+    from lmech.errors import ConfigError
 
     try:
         exp = experiments.get(experiment)
@@ -126,7 +127,7 @@ def run(
 ) -> None:
     """Run one experiment and store its config, metrics, status and figures (`lmech show NAME` lists its keys)."""
     from lmech import experiments
-    from lmech.experiments.base import ConfigError
+    from lmech.errors import ConfigError
 
     from lmech.experiments.base import validate_seed
 
@@ -225,7 +226,7 @@ def sweep(
     quick: bool = typer.Option(False, "--quick", help="start from the experiment's small, real configuration"),
 ) -> None:
     """Run an experiment over a grid of configs and seeds; re-running it resumes (finished runs are skipped)."""
-    from lmech.experiments.base import ConfigError
+    from lmech.errors import ConfigError
     from lmech.sweeps import run_sweep, sweep_table
 
     _check_out(out)
@@ -247,7 +248,7 @@ def sweep(
 
 def parse_bytes(text: str) -> int:
     """``"8G"`` -> 8 GiB in bytes (suffixes K, M, G, T, powers of 1024; none: bytes)."""
-    from lmech.experiments.base import ConfigError
+    from lmech.errors import ConfigError
 
     units = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
     raw = text.strip().upper().removesuffix("B").removesuffix("I")
@@ -263,7 +264,7 @@ def parse_bytes(text: str) -> int:
 
 def parse_point(item: str) -> dict:
     """``"optimizer=poprisk,gate=soft"`` -> ``{"optimizer": "poprisk", "gate": "soft"}`` (typed later)."""
-    from lmech.experiments.base import ConfigError
+    from lmech.errors import ConfigError
 
     point: dict = {}
     for pair in (p.strip() for p in item.split(",") if p.strip()):
@@ -280,7 +281,7 @@ def parse_point(item: str) -> dict:
 
 def parse_grid(items: List[str]) -> dict:
     """``["lr=1e-3,1e-2", "width=64,128"]`` -> ``{"lr": ["1e-3", "1e-2"], ...}`` (typed later)."""
-    from lmech.experiments.base import ConfigError
+    from lmech.errors import ConfigError
 
     grid: dict = {}
     for item in items:
@@ -312,7 +313,7 @@ def compare(
 ) -> None:
     """Compare optimizers fairly: same tuning grid per arm on one seed, then each arm's best on fresh seeds."""
     from lmech.compare import compare_command
-    from lmech.experiments.base import ConfigError
+    from lmech.errors import ConfigError
 
     _check_out(out)
     try:
@@ -340,7 +341,7 @@ def runs(
     if reindex:
         store.reindex()
     if sweep_name is not None:
-        from lmech.experiments.base import ConfigError
+        from lmech.errors import ConfigError
         from lmech.sweeps import summary, sweep_table
 
         try:
@@ -368,7 +369,7 @@ def report(
     store: Path = typer.Option(Path("runs"), "--store", help="run store holding the run or sweep"),
 ) -> None:
     """Write a self-contained HTML report (figures embedded) plus its PNG and SVG figures."""
-    from lmech.experiments.base import ConfigError
+    from lmech.errors import ConfigError
     from lmech.report.build import build_report
 
     if out is not None:
@@ -395,7 +396,7 @@ def verify(
     threads: int = typer.Option(1, "--threads", help="torch and BLAS threads per run"),
 ) -> None:
     """Run the catalog's theory-vs-measurement checks; one table, an HTML report, exit 1 if any fails."""
-    from lmech.experiments.base import ConfigError
+    from lmech.errors import ConfigError
     from lmech.verify import checked_names, checks_table, resolve_names
     from lmech.verify import verify as run_verify
 

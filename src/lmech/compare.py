@@ -40,7 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from lmech.experiments.base import ConfigError, validate_seed
+from lmech.experiments.base import validate_seed
+from lmech.errors import ConfigError
 
 
 @dataclass(frozen=True)

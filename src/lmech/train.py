@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from lmech.runs.store import DivergedError
+from lmech.errors import DivergedError
 
 
 class Minibatches:

@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lmech.experiments.base import CheckRow, ConfigError
+from lmech.experiments.base import CheckRow
+from lmech.errors import ConfigError
 
 
 @dataclass

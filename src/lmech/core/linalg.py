@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from lmech.core.functional import DEFAULT_MAX_BYTES
+from lmech.errors import MemoryBudgetError
 
 __all__ = [
     "Matvec",
@@ -48,8 +49,6 @@ Matvec = Callable[[Tensor], Tensor]
 """A symmetric linear map on flat vectors: ``matvec(v)`` returns :math:`A v` (same shape, 1-D)."""
 
 
-class MemoryBudgetError(MemoryError):
-    """A computation would allocate more than its memory budget; the message says what to shrink."""
 
 
 def check_memory(nbytes: int, max_bytes: int | None, what: str, shrink: str) -> None:

@@ -12,7 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from lmech.experiments.base import CheckRow, ConfigError, Experiment, check_memory_estimate, validate_seed
+from lmech.experiments.base import CheckRow, Experiment, check_memory_estimate, validate_seed
+from lmech.errors import ConfigError
 from lmech.experiments.progress import RunProgress
 
 # name -> module that defines it (module-level constant EXPERIMENT)

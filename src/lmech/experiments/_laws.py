@@ -8,7 +8,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from lmech.experiments.base import CheckRow, ConfigError
+from lmech.experiments.base import CheckRow
+from lmech.errors import ConfigError
 
 
 def parse_list(text: str, kind: Callable = float, key: str = "value") -> list:

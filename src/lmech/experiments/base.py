@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, get_args, get_origin
 
 
-class ConfigError(ValueError):
-    """A bad experiment name, key or value. Its message is one line saying what to do."""
+from lmech.errors import ConfigError  # noqa: F401  (re-exported: the old import path keeps working)
 
 
 MAX_SEED = 2**63 - 1  # the run store's index keeps seeds as SQLite INTEGER (signed 64-bit)

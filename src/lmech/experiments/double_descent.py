@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from lmech.experiments._signal import binary_task, record_training
-from lmech.experiments.base import CheckRow, ConfigError, Experiment, require
+from lmech.experiments.base import CheckRow, Experiment, require
+from lmech.errors import ConfigError
 from lmech.models import MLP
 from lmech.probes.gramian import half_mse
 

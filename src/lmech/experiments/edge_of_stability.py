@@ -51,7 +51,8 @@ from typing import Literal
 
 import torch
 
-from lmech.experiments.base import CheckRow, ConfigError, Experiment, require
+from lmech.experiments.base import CheckRow, Experiment, require
+from lmech.errors import ConfigError
 from lmech.models import MLP
 from lmech.probes.sharpness import sharpness
 from lmech.tasks import digits, mnist1d

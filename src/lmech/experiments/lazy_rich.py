@@ -75,7 +75,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lmech.experiments.base import CheckRow, ConfigError, Experiment, require
+from lmech.experiments.base import CheckRow, Experiment, require
+from lmech.errors import ConfigError
 from lmech.models import MLP
 from lmech.mup import from_factory
 from lmech.probes.ntk import kernel_drift, ntk

@@ -56,7 +56,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lmech.experiments.base import CheckRow, ConfigError, Experiment, require
+from lmech.experiments.base import CheckRow, Experiment, require
+from lmech.errors import ConfigError
 from lmech.models import MLP, Transformer
 from lmech.mup import coord_check, from_factory
 from lmech.tasks import mnist1d, modular_arithmetic

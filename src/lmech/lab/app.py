@@ -41,7 +41,7 @@ import numpy as np
 from flask import Flask, Response, jsonify, request, send_file, send_from_directory
 from werkzeug.exceptions import HTTPException
 
-from lmech.experiments.base import ConfigError
+from lmech.errors import ConfigError
 from lmech.lab.playground import FORM_KEYS, Launcher, form_fields, playground_experiments, validate_form
 from lmech.report.curves import metric_panels, with_errors
 from lmech.report.data import read_metrics, run_view

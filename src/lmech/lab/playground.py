@@ -33,7 +33,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-from lmech.experiments.base import ConfigError, config_fields
+from lmech.experiments.base import config_fields
+from lmech.errors import ConfigError
 
 # catalog entries offered by the playground, in menu order (those present in the catalog)
 PLAYGROUND_EXPERIMENTS = ("label-noise", "grokking")

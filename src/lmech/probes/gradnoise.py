@@ -86,7 +86,7 @@ from lmech.core.functional import (
     differentiable_kernels,
     per_example_grads,
 )
-from lmech.core.linalg import MemoryBudgetError
+from lmech.errors import MemoryBudgetError
 from lmech.probes.base import Cost, TrainState, layer_groups, split_batch, subsample
 
 __all__ = ["GroupNoise", "GradNoise", "grad_noise", "GradNoiseProbe"]

@@ -37,7 +37,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from lmech.experiments.base import ConfigError
+from lmech.errors import ConfigError
 from lmech.report.curves import curves_figure, metric_panels, sweep_curves_figure, sweep_result_figure
 from lmech.report.data import RunView, read_metrics, run_view
 from lmech.runs import RunStore

@@ -57,6 +57,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from lmech.errors import DivergedError  # noqa: F401  (re-exported)
 from lmech.runs.atomic import atomic_write_table, atomic_write_bytes, atomic_write_json
 from lmech.runs.provenance import config_hash, provenance
 
@@ -65,18 +66,6 @@ FLUSH_EVERY_S = 5.0
 STALE_AFTER_S = 600.0
 STATES = ("running", "done", "diverged", "failed", "incomplete")
 CHECKPOINT = "checkpoint.pt"
-
-
-class DivergedError(RuntimeError):
-    """Raised by a training loop when the loss stops being finite; the run is marked diverged.
-
-    ``last_good`` (optional) is the last step whose loss was finite: the run's status records it as
-    its last step when that is later than the last logged one.
-    """
-
-    def __init__(self, message: str = "", last_good: int | None = None):
-        super().__init__(message)
-        self.last_good = last_good
 
 
 def _now() -> str:

@@ -42,7 +42,7 @@ from numbers import Integral
 from pathlib import Path
 from typing import Any
 
-from lmech.experiments.base import ConfigError
+from lmech.errors import ConfigError
 from lmech.runs.store import RunStore, atomic_write_json
 from lmech.sweeps.plan import RunSpec, SweepPlan, plan_sweep
 from lmech.sweeps.progress import SweepProgress, key_numbers

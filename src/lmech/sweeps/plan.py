@@ -46,7 +46,8 @@ from numbers import Integral
 from pathlib import Path
 from typing import Any
 
-from lmech.experiments.base import ConfigError, _coerce_known, parse_sets, validate_seed
+from lmech.experiments.base import _coerce_known, parse_sets, validate_seed
+from lmech.errors import ConfigError
 from lmech.runs.provenance import config_hash
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")

@@ -25,7 +25,7 @@ import os
 from collections import deque
 from typing import Callable
 
-from lmech.experiments.base import ConfigError
+from lmech.errors import ConfigError
 from lmech.sweeps.plan import RunSpec
 
 

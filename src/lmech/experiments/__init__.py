@@ -35,6 +35,7 @@ _CATALOG: dict[str, str] = {
     "attention-particles": "lmech.experiments.attention_particles",
     "quanta": "lmech.experiments.quanta",
     "prune-reservoir": "lmech.experiments.prune_reservoir",
+    "dpo-noisy": "lmech.experiments.dpo_noisy",
 }
 
 

@@ -187,6 +187,6 @@ EXPERIMENT = Experiment(
     config=PruneReservoirConfig,
     run=run,
     check=check,
-    quick={"mlp_width": 64, "mlp_steps": 400, "cnn_channels": 16, "cnn_steps": 400, "n_train": 1000,
+    quick={"mlp_width": 64, "mlp_steps": 200, "cnn_channels": 16, "cnn_steps": 200, "n_train": 500,
            "sparsities": "0.5,0.8"},
 )

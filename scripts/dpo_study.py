@@ -54,12 +54,18 @@ def table(rows: list[dict], noises: list[float], arms: list[str], lrs: list[floa
     return "\n".join(lines)
 
 
+def _seed_worker(cfg, seed: int) -> list[dict]:
+    torch.set_num_threads(1)
+    return run_seed(cfg, seed)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--quick", action="store_true", help="the catalog entry's quick configuration, seed 0 only")
     ap.add_argument("--set", action="append", default=[], help="config key=value (see `lmech list dpo-noisy`)")
     ap.add_argument("--out", default="results/dpo-study")
+    ap.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (one thread each)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     cfg = EXPERIMENT.make_config(args.set, quick=args.quick)
@@ -72,10 +78,19 @@ def main(argv=None) -> dict:
         print(f"seed {r['seed']} q={r['noise']:g} {r['arm']} lr={r['lr']:g}: win {r['win_rate']:.3f}, "
               f"held-out acc {r['heldout_pref_acc']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    for seed in seeds:
-        rows.extend(run_seed(cfg, seed, on_run=progress))
-        (out / "rows.json").write_text(json.dumps({"config": vars(cfg), "seeds": seeds, "rows": rows,
-                                                   "wall_s": time.perf_counter() - t0}, indent=1))
+    if args.jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(args.jobs, len(seeds)), mp_context=mp.get_context("spawn")) as pool:
+            for seed_rows in pool.map(_seed_worker, [cfg] * len(seeds), seeds):
+                rows.extend(seed_rows)
+                print(f"seed {seed_rows[0]['seed']} done ({time.perf_counter() - t0:.0f} s)", flush=True)
+    else:
+        for seed in seeds:
+            rows.extend(run_seed(cfg, seed, on_run=progress))
+    (out / "rows.json").write_text(json.dumps({"config": vars(cfg), "seeds": seeds, "rows": rows,
+                                               "wall_s": time.perf_counter() - t0}, indent=1))
     md = table(rows, cfg.noise_list(), cfg.arm_list(), cfg.lr_list())
     (out / "table.md").write_text(md)
     dpo_figure([r for r in rows if r["selected"]], cfg.noise_list()).savefig(out / "dpo_study.png", dpi=110)

@@ -41,12 +41,18 @@ def table(results: list[dict], sparsities: list[float]) -> str:
     return "\n".join(lines)
 
 
+def _seed_worker(cfg, seed: int) -> dict:
+    torch.set_num_threads(1)
+    return {task: run_task(task, cfg, seed) for task in cfg.task_list()}
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--quick", action="store_true", help="the catalog entry's quick configuration, seed 0 only")
     ap.add_argument("--set", action="append", default=[], help="config key=value (see `lmech list prune-reservoir`)")
     ap.add_argument("--out", default="results/prune-study")
+    ap.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (one thread each)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     cfg = EXPERIMENT.make_config(args.set, quick=args.quick)
@@ -54,9 +60,16 @@ def main(argv=None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results, t0 = [], time.perf_counter()
-    for seed in seeds:
-        results.append({task: run_task(task, cfg, seed) for task in cfg.task_list()})
-        print(f"seed {seed} done, {time.perf_counter() - t0:.0f} s", flush=True)
+    if args.jobs > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(min(args.jobs, len(seeds)), mp_context=mp.get_context("spawn")) as pool:
+            results = list(pool.map(_seed_worker, [cfg] * len(seeds), seeds))
+    else:
+        for seed in seeds:
+            results.append(_seed_worker(cfg, seed))
+            print(f"seed {seed} done, {time.perf_counter() - t0:.0f} s", flush=True)
     ss = cfg.sparsity_list()
     (out / "rows.json").write_text(json.dumps({"config": vars(cfg), "seeds": seeds, "results": results,
                                                "wall_s": time.perf_counter() - t0}, indent=1))

@@ -27,27 +27,50 @@ def _cell(v) -> str:
     return f"{np.median(v):.3f} [{min(v):.3f}, {max(v):.3f}]" if len(v) else "n/a"
 
 
-def table(rows: list[dict], noises: list[float], arms: list[str], lrs: list[float]) -> str:
-    sel = [r for r in rows if r["selected"]]
-    n_seeds = len({r["seed"] for r in rows})
-    keys = [("win_rate", "win rate vs reference"), ("clean_reward_acc", "clean reward acc."),
+KEYS = [("win_rate", "win rate vs reference"), ("clean_reward_acc", "clean reward acc."),
             ("heldout_pref_acc", "noisy held-out pref. acc."), ("implicit_reward_abs", "drift |beta log pi/pi_ref|"),
-            ("policy_reward", "true reward")]
-    lines = [f"Selected learning rate per (arm, noise, seed) by noisy held-out preference accuracy; "
-             f"{n_seeds} seeds, median [min, max].", "",
-             "| swapped | arm | " + " | ".join(k[1] for k in keys) + " | lr picked |",
-             "|---|---|" + "---|" * (len(keys) + 1)]
+        ("policy_reward", "true reward")]
+
+
+def select_by_heldout_loss(rows: list[dict]) -> list[dict]:
+    """Per (arm, noise, seed), the run with the lowest DPO loss on the noisy held-out pairs (ties: smaller lr)."""
+    best = {}
+    for r in rows:
+        key = (r["arm"], r["noise"], r["seed"])
+        if key not in best or (r["heldout_loss"], r["lr"]) < (best[key]["heldout_loss"], best[key]["lr"]):
+            best[key] = r
+    return list(best.values())
+
+
+def selected_table(sel: list[dict], noises: list[float], arms: list[str], title: str) -> list[str]:
+    n_seeds = len({r["seed"] for r in sel})
+    lines = [f"{title}; {n_seeds} seeds, median [min, max].", "",
+             "| swapped | arm | " + " | ".join(k[1] for k in KEYS) + " | lr picked (seeds 0, 1, 2) |",
+             "|---|---|" + "---|" * (len(KEYS) + 1)]
     for q in noises:
         for arm in arms:
             g = [r for r in sel if r["noise"] == q and r["arm"] == arm]
-            lines.append(f"| {q:.0%} | {arm} | " + " | ".join(_cell([r[k] for r in g]) for k, _ in keys)
+            lines.append(f"| {q:.0%} | {arm} | " + " | ".join(_cell([r[k] for r in g]) for k, _ in KEYS)
                          + " | " + ", ".join(f"{r['lr']:g}" for r in sorted(g, key=lambda r: r["seed"])) + " |")
-    lines += ["", "Median win rate over seeds for every learning rate of the grid:", "",
+    return lines + [""]
+
+
+def table(rows: list[dict], noises: list[float], arms: list[str], lrs: list[float]) -> str:
+    lines = selected_table([r for r in rows if r["selected"]], noises, arms,
+                           "Rule A (fixed before the runs): the lr with the highest preference accuracy on the noisy "
+                           "held-out pairs")
+    lines += selected_table(select_by_heldout_loss(rows), noises, arms,
+                            "Rule B (chosen after seeing rule A saturate): the lr with the lowest DPO loss on the noisy "
+                            "held-out pairs")
+    lines += ["Median over seeds for every learning rate of the grid: win rate / clean reward accuracy / drift:", "",
               "| swapped | arm | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " |", "|---|---|" + "---|" * len(lrs)]
     for q in noises:
         for arm in arms:
-            cells = [_cell([r["win_rate"] for r in rows if r["noise"] == q and r["arm"] == arm and r["lr"] == lr])
-                     for lr in lrs]
+            cells = []
+            for lr in lrs:
+                g = [r for r in rows if r["noise"] == q and r["arm"] == arm and r["lr"] == lr]
+                cells.append(" / ".join(f"{np.median([r[k] for r in g]):.3f}" if g else "n/a"
+                                        for k in ("win_rate", "clean_reward_acc", "implicit_reward_abs")))
             lines.append(f"| {q:.0%} | {arm} | " + " | ".join(cells) + " |")
     reference = [r["reference_reward"] for r in rows if r["arm"] == arms[0] and r["lr"] == lrs[0]]
     lines += ["", f"Reference policy's mean true reward: {_cell(reference)}.", ""]
@@ -66,8 +89,21 @@ def main(argv=None) -> dict:
     ap.add_argument("--set", action="append", default=[], help="config key=value (see `lmech list dpo-noisy`)")
     ap.add_argument("--out", default="results/dpo-study")
     ap.add_argument("--jobs", type=int, default=1, help="seeds run in parallel processes (one thread each)")
+    ap.add_argument("--from-rows", nargs="+", default=None,
+                    help="re-tabulate (and merge) rows.json files of earlier runs instead of running")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.from_rows:
+        rows = [r for f in args.from_rows for r in json.loads(Path(f).read_text())["rows"]]
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        noises = sorted({r["noise"] for r in rows})
+        arms = [a for a in ("adamw", "poprisk") if any(r["arm"] == a for r in rows)]
+        md = table(rows, noises, arms, sorted({r["lr"] for r in rows}))
+        (out / "table.md").write_text(md)
+        dpo_figure(select_by_heldout_loss(rows), noises).savefig(out / "dpo_study_rule_b.png", dpi=110)
+        print(md)
+        return {"rows": rows, "table": md}
     cfg = EXPERIMENT.make_config(args.set, quick=args.quick)
     seeds = [0] if args.quick else [int(s) for s in args.seeds.split(",")]
     out = Path(args.out)

@@ -42,6 +42,17 @@ def select_by_heldout_loss(rows: list[dict]) -> list[dict]:
     return list(best.values())
 
 
+def select_by_heldout_accuracy(rows: list[dict]) -> list[dict]:
+    """Rule A, recomputed over all rows given (so merged grids select once): per (arm, noise, seed), the
+    highest noisy held-out preference accuracy, ties to the smaller lr (as ``run_seed``'s ``selected``)."""
+    best = {}
+    for r in rows:
+        key = (r["arm"], r["noise"], r["seed"])
+        if key not in best or (-r["heldout_pref_acc"], r["lr"]) < (-best[key]["heldout_pref_acc"], best[key]["lr"]):
+            best[key] = r
+    return list(best.values())
+
+
 def selected_table(sel: list[dict], noises: list[float], arms: list[str], title: str) -> list[str]:
     n_seeds = len({r["seed"] for r in sel})
     lines = [f"{title}; {n_seeds} seeds, median [min, max].", "",
@@ -56,7 +67,7 @@ def selected_table(sel: list[dict], noises: list[float], arms: list[str], title:
 
 
 def table(rows: list[dict], noises: list[float], arms: list[str], lrs: list[float]) -> str:
-    lines = selected_table([r for r in rows if r["selected"]], noises, arms,
+    lines = selected_table(select_by_heldout_accuracy(rows), noises, arms,
                            "Rule A (fixed before the runs): the lr with the highest preference accuracy on the noisy "
                            "held-out pairs")
     lines += selected_table(select_by_heldout_loss(rows), noises, arms,

@@ -190,7 +190,7 @@ def _jackknife_se(loo: np.ndarray) -> np.ndarray:
     return np.where(finite, se, math.nan)
 
 
-def _group_summaries(sums: np.ndarray, numel: np.ndarray, sq: np.ndarray, dot: np.ndarray,
+def _group_summaries(sums: np.ndarray, numel: np.ndarray, sq: np.ndarray | None, dot: np.ndarray | None,
                      members: list[list[int]], b: int) -> list[GroupNoise]:
     r"""Statistics of every group at once, from per-tensor sums (float64 NumPy arrays: a few
     dozen operations on arrays of a few numbers, cheaper in NumPy than in torch).
@@ -199,15 +199,18 @@ def _group_summaries(sums: np.ndarray, numel: np.ndarray, sq: np.ndarray, dot: n
     :math:`\sum_k \hat s_k`, :math:`\sum_k \mathrm{GSNR}_k` over coordinates with
     :math:`\hat\sigma_k^2 > 0`, the count of those, and the count of :math:`\bar g_k^2 > \hat s_k`;
     ``numel`` ``(T,)``; ``sq`` and ``dot`` ``(T, b)``: :math:`|g_i|^2` and :math:`S_1\cdot g_i`
-    restricted to each tensor. ``members[j]`` lists the tensors of group ``j``. Every group
+    restricted to each tensor (``None``: no standard errors, ``nan``). ``members[j]`` lists the tensors of group ``j``. Every group
     statistic is a sum over its coordinates, so adding the per-tensor sums is exact.
     """
 
     def add(x: np.ndarray) -> np.ndarray:  # per-group sums of per-tensor rows
         return np.stack([x[ts].sum(0) for ts in members])
 
-    S, n, sqg, dotg = add(sums), add(numel), add(sq), add(dot)
+    S, n = add(sums), add(numel)
     norm_sq, trace_cov, loo_sum, gsnr_sum, gsnr_count, gate = S.T
+    if sq is None:  # no standard errors asked: nan leave-one-out values
+        sq = dot = np.full((sums.shape[0], b), math.nan)
+    sqg, dotg = add(sq), add(dot)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         snr = np.where(trace_cov > 0, norm_sq / (trace_cov / b), math.inf)
         # leave-one-out (jackknife) values of the group statistics, exactly, from the sums:
@@ -325,153 +328,222 @@ def _linear_layers(fm: FunctionalModel) -> dict[nn.Linear, dict[str, str]] | Non
     return layers
 
 
-def _linear_moments(fm: FunctionalModel, loss_fn: Callable, inputs: tuple,
-                    targets) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    r"""``(mean, m2, sq, dot)`` as :func:`_vmap_moments` returns them, by the outer-product
-    structure of ``nn.Linear`` gradients (``method="linear"``, module docstring); ``None`` when the
-    model is not of that form (checked before and during the pass), so the caller falls back.
+class _LinearPass:
+    r"""Local sufficient statistics by the outer-product structure of ``nn.Linear`` gradients
+    (``method="linear"``, module docstring), on this rank's examples.
 
-    Per layer with inputs :math:`A` (``b x in``) and output loss gradients :math:`\Delta`
-    (``b x out``), in float64: weight sums :math:`S = \Delta^\top A`, sums of squares
-    :math:`(\Delta^{\odot2})^\top A^{\odot2}`, :math:`|g_i|^2 = |a_i|^2|\delta_i|^2`,
-    :math:`g_i\cdot S = \sum_j (\Delta S)_{ij} A_{ij}`; bias sums :math:`\sum_i\delta_i` etc.
+    Per layer with inputs :math:`A` (``n x in``) and output loss gradients :math:`\Delta`
+    (``n x out``): the weight sums :math:`S = \Delta^\top A` come from the same backward pass
+    that gives :math:`\Delta` (autograd's parameter gradients of :math:`\langle f, e\rangle`, in
+    the model's dtype); the sums of squares :math:`(\Delta^{\odot2})^\top A^{\odot2}` and
+    :math:`|g_i|^2 = |a_i|^2|\delta_i|^2` in float64 (exact products); :math:`g_i\cdot S =
+    \sum_j (\Delta S)_{ij} A_{ij}` (:meth:`dots`, only for standard errors). ``ok`` is ``False``
+    when the model is not of that form (checked before and during the pass).
+
+    Guard: autograd's :math:`S` includes every use of a weight; the outer-product sum only the
+    use in its layer. They are compared along one random direction :math:`u` per weight,
+    :math:`|S u - \Delta^\top (A u)| \le \texttt{GUARD\_RTOL}\,(n \sum_i |\delta_i|^2 (a_i\cdot
+    u)^2)^{1/2}` (a bound on :math:`|\sum_i \delta_i (a_i\cdot u)|` by Cauchy-Schwarz), which
+    fails almost surely for a weight also used outside its layer (tied, read in ``forward``) or
+    a layer output rewritten in place, at :math:`O(n(\text{in}+\text{out}))` instead of a second
+    matrix product.
     """
-    layers = _linear_layers(fm)
-    if not layers or any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-                         for m in fm.model.modules()):
-        return None  # (a training-mode BatchNorm mixes the examples of a batch)
-    b = inputs[0].shape[0]
-    seen: dict[nn.Linear, list] = {m: [] for m in layers}
 
-    def record(module, args, output):
-        seen[module].append((args[0], output))
+    def __init__(self, fm: FunctionalModel, loss_fn: Callable, inputs: tuple, targets, stderr: bool):
+        self.fm, self.ok = fm, False
+        layers = _linear_layers(fm)
+        if not layers:
+            return
+        n = inputs[0].shape[0]
+        seen: dict[nn.Linear, list] = {m: [] for m in layers}
 
-    hooks = [m.register_forward_hook(record) for m in layers]
-    try:
-        with torch.enable_grad(), differentiable_kernels():
-            out = fm.model(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    if not isinstance(out, Tensor) or out.shape[:1] != (b,) or not out.requires_grad:
-        return None
-    calls = {m: c[0] for m, c in seen.items() if len(c) == 1}
-    if len(calls) != len(layers) or any(a.dim() != 2 or a.shape[0] != b or o.dim() != 2 for a, o in calls.values()):
-        return None
+        def record(module, args, output):
+            seen[module].append((args[0], output))
 
-    e = _output_grads(loss_fn, out.detach(), targets)
-    modules = list(layers)
-    params = [fm.model.get_parameter(n) for n in fm.names]
-    found = torch.autograd.grad(out, [calls[m][1] for m in modules] + params, grad_outputs=e, allow_unused=True)
-    deltas = dict(zip(modules, found[:len(modules)]))
-    batch_grad = dict(zip(fm.names, found[len(modules):]))
+        hooks = [m.register_forward_hook(record) for m in layers]
+        try:
+            with torch.enable_grad(), differentiable_kernels():
+                out = fm.model(*inputs)
+        finally:
+            for h in hooks:
+                h.remove()
+        if not isinstance(out, Tensor) or out.shape[:1] != (n,) or not out.requires_grad:
+            return
+        calls = {m: c[0] for m, c in seen.items() if len(c) == 1}
+        if len(calls) != len(layers) or any(a.dim() != 2 or a.shape[0] != n or o.dim() != 2
+                                            for a, o in calls.values()):
+            return
+        e = _output_grads(loss_fn, out.detach(), targets)
+        modules = list(layers)
+        params = [fm.model.get_parameter(name) for name in fm.names]
+        found = torch.autograd.grad(out, [calls[m][1] for m in modules] + params, grad_outputs=e,
+                                    allow_unused=True)
+        deltas = dict(zip(modules, found[:len(modules)]))
+        batch_grad = dict(zip(fm.names, found[len(modules):]))
 
-    # flat float64 outputs, written layer by layer through views (no concatenation); `mean`
-    # holds the column sums S until the end
-    dt, device = torch.float64, out.device
-    names = fm.names
-    sizes = [fm.shapes[n].numel() for n in names]
-    mean, m2 = (torch.empty(fm.numel, dtype=dt, device=device) for _ in range(2))
-    views = dict(zip(names, zip(mean.split(sizes), m2.split(sizes))))
-    index = {n: t for t, n in enumerate(names)}
-    sq, dot = (torch.empty(len(names), b, dtype=dt, device=device) for _ in range(2))
-    mismatch = 0.0
-    for module, attrs in layers.items():
-        a_raw, d_raw = calls[module][0].detach(), deltas[module]
-        a, d = a_raw.to(dt), d_raw.to(dt)
-        d2 = d * d
-        d2_rows = d2.sum(1)
-        for attr, name in attrs.items():
-            t = index[name]
-            sums, squares = views[name]
+        dt, device = torch.float64, out.device
+        names = fm.names
+        sizes = [fm.shapes[name].numel() for name in names]
+        self.sums, self.squares = (torch.empty(fm.numel, dtype=dt, device=device) for _ in range(2))
+        views = dict(zip(names, zip(self.sums.split(sizes), self.squares.split(sizes))))
+        index = {name: t for t, name in enumerate(names)}
+        self.sq = torch.empty(len(names), n, dtype=dt, device=device) if stderr else None
+        self._factors = []  # (tensor index, attr, a, d) for the dots
+        gen = torch.Generator(device=device).manual_seed(0)
+        mismatch = bound = 0.0
+        for module, attrs in layers.items():
+            a_raw, d_raw = calls[module][0].detach(), deltas[module]
+            a, d = a_raw.to(dt), d_raw.to(dt)
+            d2 = d * d
+            for attr, name in attrs.items():
+                t = index[name]
+                sums, squares = views[name]
+                g = batch_grad[name]
+                if attr == "weight":
+                    S = sums.view(d.shape[1], a.shape[1])
+                    if g is None:
+                        return
+                    S.copy_(g)
+                    a2 = a * a
+                    torch.mm(d2.T, a2, out=squares.view_as(S))
+                    if stderr:
+                        self.sq[t] = a2.sum(1) * d2.sum(1)
+                    u = torch.randn(a.shape[1], generator=gen, dtype=dt, device=device)
+                    au = a @ u  # (n,)
+                    mismatch += float((S @ u - d.T @ au).square().sum())
+                    bound += float(((d2.sum(1)) * au.square()).sum()) * n
+                else:
+                    if g is None:
+                        return
+                    sums.copy_(g)
+                    torch.sum(d2, 0, out=squares)
+                    if stderr:
+                        self.sq[t] = d2.sum(1)
+                    mismatch += float((sums - d.sum(0)).square().sum())
+                    bound += float(d2.sum()) * n
+                self._factors.append((t, attr, a_raw, d_raw))
+        self.ok = mismatch <= GUARD_RTOL**2 * bound
+
+    def dots(self, S: Tensor) -> Tensor:
+        r""":math:`g_i\cdot S` per tensor, ``(T, n)`` float64, for the global column sums ``S``."""
+        sizes = [self.fm.shapes[name].numel() for name in self.fm.names]
+        parts = S.split(sizes)
+        n = self._factors[0][2].shape[0]
+        dot = torch.empty(len(sizes), n, dtype=torch.float64, device=S.device)
+        for t, attr, a_raw, d_raw in self._factors:
             if attr == "weight":
-                S = torch.mm(d.T, a, out=sums.view(d.shape[1], a.shape[1]))
-                a2 = a * a
-                torch.mm(d2.T, a2, out=squares.view(d.shape[1], a.shape[1]))
-                sq[t] = a2.sum(1) * d2_rows
-                # g_i . S in the gradients' dtype, as the "vmap" path computes it (no cancellation)
-                dot[t] = ((d_raw @ S.to(d_raw.dtype)) * a_raw).sum(1)
+                St = parts[t].view(d_raw.shape[1], a_raw.shape[1]).to(d_raw.dtype)
+                # in the gradients' dtype, as the "vmap" path computes it (no cancellation)
+                dot[t] = ((d_raw @ St) * a_raw).sum(1)
             else:
-                S = torch.sum(d, 0, out=sums)
-                torch.sum(d2, 0, out=squares)
-                sq[t] = d2_rows
-                dot[t] = d @ S
-            # guard: the per-example gradients must add up to autograd's gradient of the batch; a
-            # weight also used outside its layer (or an output rewritten in place) breaks it
-            g = batch_grad[name]
-            diff = S if g is None else S - g.reshape(S.shape)
-            mismatch += float(diff.square().sum())
-    if mismatch > GUARD_RTOL**2 * float(sq.sum()) * b:
-        return None
-    m2.addcmul_(mean, mean, value=-1.0 / b).clamp_(min=0.0)  # sum_i g_ik^2 - S_k^2 / b
-    mean.div_(b)
-    return mean, m2, sq, dot
+                dot[t] = d_raw.to(torch.float64) @ parts[t]
+        return dot
+
+    def centered(self) -> tuple[Tensor, Tensor]:
+        """``(mean, m2)`` of this rank's examples: column means and centered sums of squares,
+        :math:`\\sum_i g_{ik}^2 - S_k^2/n` (float64; the products are exact)."""
+        n = self._factors[0][2].shape[0]
+        m2 = self.squares.addcmul_(self.sums, self.sums, value=-1.0 / n).clamp_(min=0.0)
+        return self.sums / n, m2
 
 
-def _vmap_moments(fm: FunctionalModel, loss_fn: Callable, inputs: tuple, targets, chunk_size: int | None,
-                  max_bytes: int | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    r"""``(mean, m2, sq, dot)`` from per-example gradients (``method="vmap"``): flat float64
-    column means and centered sums of squares over all selected coordinates (tensors
-    concatenated in ``fm.names`` order), and ``(T, b)`` float64 per-tensor :math:`|g_i|^2` and
-    :math:`g_i \cdot S_1`."""
-    b = inputs[0].shape[0]
-    item = max(p.element_size() for p in fm.params.values())
-    per_example = fm.numel * item
-    if max_bytes is None or b * per_example <= max_bytes:
-        chunk = b
-    else:
-        chunk = int(max_bytes // per_example)
-        if chunk < 1:
-            raise MemoryBudgetError(
-                f"one example's gradient needs {per_example / 2**20:.1f} MiB > budget "
-                f"{max_bytes / 2**20:.1f} MiB; select fewer parameters (params=), or raise the budget")
-    spans = [(s, min(s + chunk, b)) for s in range(0, b, chunk)]
+class _VmapPass:
+    r"""Local sufficient statistics from per-example gradients (``method="vmap"``) on this rank's
+    examples, in chunks of at most ``max_bytes``: column sums, per-example squared norms, then
+    (:meth:`dots`) each example's dot product with the global column sums, and (:meth:`centered`)
+    the centered sums of squares (:func:`_moments`, combined over chunks in float64 by Chan,
+    Golub & LeVeque 1979). Unchunked, the gradients are computed once and kept between the
+    steps; chunked, :meth:`dots` recomputes them (two passes)."""
 
-    def grads_of(a, c):
-        xs = tuple(x[a:c] for x in inputs)
-        ys = None if targets is None else targets[a:c]
-        # (per_example_grads runs attention on kernels that vmap can batch by itself)
-        return per_example_grads(fm, loss_fn, xs, ys, chunk_size=chunk_size, max_bytes=None)
-
-    # One pass over chunks of per-example gradients, in their own dtype (per-chunk reductions
-    # only, no float64 copy of the b x P gradients, overwritten in place): per tensor the column
-    # sums and centered sums of squares (_moments), combined across chunks in float64 (Chan,
-    # Golub & LeVeque 1979; numerically stable), and each example's squared norm. Unchunked,
-    # g_i . S1 comes from the same pass (S1 is the column sum); chunked, a second pass over
-    # recomputed gradients gives it. Per-coordinate vectors are kept flat (tensors concatenated
-    # in fm.names order), so every statistic below is one operation on all coordinates.
-    dt = torch.float64
-    names = fm.names
-    sizes = [math.prod(fm.shapes[n]) for n in names]
-    mean = m2 = None
-    sq_parts, dot_parts = [], []  # per chunk, (T, m): |g_i|^2 and S1 . g_i per tensor
-    seen = 0
-    for a, c in spans:
-        g = grads_of(a, c)
-        m = c - a
-        moments = [_moments(g[n].reshape(m, -1), with_dot=len(spans) == 1) for n in names]
-        del g
-        chunk_mean = torch.cat([r[0] for r in moments]).to(dt) / m
-        chunk_m2 = torch.cat([r[1] for r in moments]).to(dt)
-        sq_parts.append(torch.stack([r[2] for r in moments]))
-        if len(spans) == 1:  # unchunked: S1 is this chunk's column sum
-            dot_parts.append(torch.stack([r[3] for r in moments]))
-        del moments
-        if seen == 0:
-            mean, m2 = chunk_mean, chunk_m2
+    def __init__(self, fm: FunctionalModel, loss_fn: Callable, inputs: tuple, targets,
+                 chunk_size: int | None, max_bytes: int | None, stderr: bool):
+        self.fm, self.loss_fn, self.inputs, self.targets, self.chunk_size = fm, loss_fn, inputs, targets, chunk_size
+        self.ok = True
+        n = inputs[0].shape[0]
+        item = max(p.element_size() for p in fm.params.values())
+        per_example = fm.numel * item
+        if max_bytes is None or n * per_example <= max_bytes:
+            chunk = max(n, 1)
         else:
-            delta = chunk_mean - mean
-            total = seen + m
-            mean = mean + delta * (m / total)
-            m2 = m2 + chunk_m2 + delta**2 * (seen * m / total)
-        seen += m
-    if len(spans) > 1:
-        S1 = (b * mean).split(sizes)
-        for a, c in spans:
-            g = grads_of(a, c)
-            dot_parts.append(torch.stack([torch.inner(gi, S1[t].to(gi.dtype))
-                                          for t, gi in enumerate(g[n].reshape(c - a, -1) for n in names)]))
-    return mean, m2, torch.cat(sq_parts, 1).to(dt), torch.cat(dot_parts, 1).to(dt)
+            chunk = int(max_bytes // per_example)
+            if chunk < 1:
+                raise MemoryBudgetError(
+                    f"one example's gradient needs {per_example / 2**20:.1f} MiB > budget "
+                    f"{max_bytes / 2**20:.1f} MiB; select fewer parameters (params=), or raise the budget")
+        self.spans = [(s, min(s + chunk, n)) for s in range(0, n, chunk)]
+        self.names = fm.names
+        self.sizes = [math.prod(fm.shapes[name]) for name in self.names]
+        dt = torch.float64
+        self._held = None
+        self._moments: list[tuple[Tensor, Tensor, int]] = []  # per chunk (mean, m2, m), float64
+        sums, sq_parts = None, []
+        for a, c in self.spans:
+            g = self._grads(a, c)
+            rows = [g[name].reshape(c - a, -1) for name in self.names]
+            s = torch.cat([torch.ones(c - a, dtype=r.dtype, device=r.device) @ r for r in rows]).to(dt)
+            sums = s if sums is None else sums + s
+            if stderr:
+                sq_parts.append(torch.stack([torch.linalg.vector_norm(r, dim=1).square_() for r in rows]).to(dt))
+            if len(self.spans) == 1:
+                self._held = rows  # kept for the dots, then centered in place
+            else:
+                moments = [_moments(r, with_dot=False) for r in rows]
+                self._moments.append((torch.cat([mo[0] for mo in moments]).to(dt) / (c - a),
+                                      torch.cat([mo[1] for mo in moments]).to(dt), c - a))
+            del g, rows
+        self.sums = sums
+        self.sq = torch.cat(sq_parts, 1) if stderr else None
+
+    def _grads(self, a: int, c: int) -> dict[str, Tensor]:
+        xs = tuple(x[a:c] for x in self.inputs)
+        ys = None if self.targets is None else self.targets[a:c]
+        # (per_example_grads runs attention on kernels that vmap can batch by itself)
+        return per_example_grads(self.fm, self.loss_fn, xs, ys, chunk_size=self.chunk_size, max_bytes=None)
+
+    def dots(self, S: Tensor) -> Tensor:
+        parts = S.split(self.sizes)
+        if self._held is not None:
+            return torch.stack([torch.inner(r, p.to(r.dtype)) for r, p in zip(self._held, parts)]).to(torch.float64)
+        out = []
+        for a, c in self.spans:
+            g = self._grads(a, c)
+            out.append(torch.stack([torch.inner(g[name].reshape(c - a, -1), p.to(g[name].dtype))
+                                    for name, p in zip(self.names, parts)]))
+        return torch.cat(out, 1).to(torch.float64)
+
+    def centered(self) -> tuple[Tensor, Tensor]:
+        if self._held is not None:
+            moments = [_moments(r, with_dot=False) for r in self._held]
+            self._held = None
+            m = self.spans[0][1]
+            self._moments = [(torch.cat([mo[0] for mo in moments]).to(torch.float64) / m,
+                              torch.cat([mo[1] for mo in moments]).to(torch.float64), m)]
+        mean = m2 = None
+        seen = 0
+        for chunk_mean, chunk_m2, m in self._moments:
+            if seen == 0:
+                mean, m2 = chunk_mean, chunk_m2
+            else:
+                delta = chunk_mean - mean
+                total = seen + m
+                mean = mean + delta * (m / total)
+                m2 = m2 + chunk_m2 + delta**2 * (seen * m / total)
+            seen += m
+        return mean, m2
+
+
+def _check_batchnorm(model: nn.Module) -> None:
+    """Refuse a BatchNorm in training mode with a message (issue 18): its batch statistics mix
+    the examples of a batch, so a per-example gradient is not defined (torch raises deep inside
+    ``vmap`` otherwise). The sharpness probe measures such a model as it runs (the Hessian of the
+    batch loss with batch statistics is defined); the Monitor measures every probe in ``eval()``
+    mode, where BatchNorm uses its running statistics and examples are independent."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training:
+            raise ValueError(
+                f"grad_noise: {name or type(m).__name__} is a {type(m).__name__} in training mode, whose batch "
+                "statistics mix the examples, so per-example gradients are not defined; call model.eval() "
+                "first (the Monitor measures in eval mode)")
 
 
 def grad_noise(
@@ -484,14 +556,19 @@ def grad_noise(
     chunk_size: int | None = None,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
     method: str = "auto",
+    stderr: bool = True,
+    summaries: bool = True,
+    group=None,
 ) -> GradNoise:
     r"""Gradient noise statistics of ``loss_fn`` on ``batch`` (module docstring).
 
     Args:
         model: ``nn.Module`` (run as is: ``eval()`` it for per-example gradients that do not
-            depend on the rest of the batch) or :class:`lmech.core.FunctionalModel`.
+            depend on the rest of the batch; a BatchNorm in training mode is refused) or
+            :class:`lmech.core.FunctionalModel`. A ``DistributedDataParallel`` wrapper is
+            unwrapped (its ``.module`` is measured).
         loss_fn: the training loss; each example is evaluated as a batch of one.
-        batch: ``(inputs, targets)`` with :math:`b \ge 3` examples.
+        batch: ``(inputs, targets)`` with :math:`b \ge 3` examples (over all ranks).
         params: parameter subset.
         groups: ``label -> parameter names`` (default: one group per layer).
         chunk_size: examples per ``vmap`` call inside a chunk (``"vmap"``).
@@ -499,6 +576,17 @@ def grad_noise(
             holds :math:`O(b \cdot \text{width} + P)` numbers).
         method: ``"auto"``, ``"vmap"`` or ``"linear"`` (module docstring); ``"linear"`` raises
             ``ValueError`` where it does not apply.
+        stderr: compute the jackknife standard errors (they need each example's squared norm and
+            dot product with the gradient sum: one more matrix product per layer on the
+            ``"linear"`` path); ``False`` leaves ``snr_stderr`` and ``noise_scale_stderr`` ``nan``.
+        summaries: compute the per-layer and global :class:`GroupNoise`; ``False`` leaves
+            ``groups`` empty and ``total`` ``None`` (only the per-coordinate ``mean``,
+            ``variance``, ``loo_variance`` and ``snr``, what BackPACK's ``Variance`` gives).
+        group: ``None`` (one process), a :class:`lmech.core.distributed.Distributed` context or a
+            process group: ``batch`` is this rank's shard, and the statistics are those of the
+            global batch, the shards concatenated in rank order (sufficient statistics combined
+            by all-reduce, module docstring; every rank returns the same values and must call
+            this together).
 
     Example:
         >>> from torch import nn
@@ -510,39 +598,78 @@ def grad_noise(
         >>> gn.total.snr > 0 and gn.total.noise_scale > 0
         True
     """
+    from lmech.core.distributed import Distributed, resolve, unwrap
+
     inputs, targets = split_batch(batch)
-    b = inputs[0].shape[0]
-    if b < 3:
-        raise ValueError(f"grad_noise needs at least 3 examples for leave-one-out estimates, got {b}")
     if isinstance(model, FunctionalModel):
         if params is not None:
             raise ValueError("pass `params` only with an nn.Module; a FunctionalModel has its own")
         fm = model
     else:
-        fm = FunctionalModel(model, params)
+        fm = FunctionalModel(unwrap(model), params)
+    _check_batchnorm(fm.model)
+    if method not in ("auto", "vmap", "linear"):
+        raise ValueError(f"method must be 'auto', 'vmap' or 'linear', got {method!r}")
     if groups is None:
         groups = layer_groups(fm.model, fm.names)
     unknown = [n for names in groups.values() for n in names if n not in fm.shapes]
     if unknown:
         raise ValueError(f"groups name unselected parameters {unknown}; selected: {fm.names}")
-
-    if method not in ("auto", "vmap", "linear"):
-        raise ValueError(f"method must be 'auto', 'vmap' or 'linear', got {method!r}")
-    moments = None
-    if method != "vmap":
-        moments = _linear_moments(fm, loss_fn, inputs, targets)
-        if moments is None and method == "linear":
-            raise ValueError("method='linear' needs every selected parameter to belong to an nn.Linear called "
-                             "once on (batch, features) inputs and used nowhere else; use method='vmap'")
-    used = "linear" if moments is not None else "vmap"
-    if moments is None:
-        moments = _vmap_moments(fm, loss_fn, inputs, targets, chunk_size, max_bytes)
-    mean, m2, sq, dot = moments
+    d = group if isinstance(group, Distributed) or group is None else resolve(group)
+    n = inputs[0].shape[0]
+    counts = d.counts(n) if d is not None else [n]
+    b = sum(counts)
+    if b < 3:
+        raise ValueError(f"grad_noise needs at least 3 examples for leave-one-out estimates, got {b}")
     names = fm.names
     T = len(names)
-    sizes = [math.prod(fm.shapes[n]) for n in names]
+    sizes = [math.prod(fm.shapes[name]) for name in names]
+    dt = torch.float64
+    first = next(iter(fm.params.values()))
 
-    # per-tensor sums of the per-coordinate statistics, on views of the flat vectors (P-sized
+    # 1. this rank's pass (the same method on every rank: any rank's fallback is everyone's)
+    local = None
+    if method != "vmap" and n > 0:
+        local = _LinearPass(fm, loss_fn, inputs, targets, stderr)
+        if not local.ok:
+            local = None
+    linear = method != "vmap" and (n == 0 or local is not None)
+    if d is not None and method != "vmap":
+        linear = not any(d.counts(int(not linear)))
+    if not linear and method == "linear":
+        raise ValueError("method='linear' needs every selected parameter to belong to an nn.Linear called "
+                         "once on (batch, features) inputs and used nowhere else; use method='vmap'")
+    if not linear:
+        local = _VmapPass(fm, loss_fn, inputs, targets, chunk_size, max_bytes, stderr) if n > 0 else None
+    used = "linear" if linear else "vmap"
+
+    # 2. sums over the global batch: S, then each example's dot with S, then the centered sums
+    # of squares about the global mean, m2 = sum_r [m2_r + n_r (mean_r - mean)^2]
+    zeros = torch.zeros(sum(sizes), dtype=dt, device=first.device)
+    S = local.sums if local is not None else zeros
+    if d is not None:
+        S = d.sum(S)
+    mean = S / b
+    dot = sq = None
+    if stderr:
+        dot = local.dots(S) if local is not None else torch.zeros(T, 0, dtype=dt, device=first.device)
+        sq = local.sq if local is not None else torch.zeros(T, 0, dtype=dt, device=first.device)
+    if local is not None:
+        mean_r, m2 = local.centered()
+        if d is not None:
+            m2 = m2.addcmul_(mean_r - mean, mean_r - mean, value=float(n))
+    else:
+        m2 = zeros
+    if d is not None:
+        m2 = d.sum(m2)
+        if stderr:
+            sq, dot = d.gather_rows(sq, counts, dim=1), d.gather_rows(dot, counts, dim=1)
+    shapes = {name: fm.shapes[name] for name in names}
+    if not summaries:
+        return GradNoise(groups={}, total=None, batch_size=b, method=used, flat_mean=mean, flat_m2=m2,
+                         shapes=shapes)
+
+    # 3. per-tensor sums of the per-coordinate statistics, on views of the flat vectors (P-sized
     # temporaries cost more to allocate than the arithmetic); groups add the per-tensor sums.
     # With r_k = gbar_k^2 / m2_k: SNR_k = b (b-1) r_k, GSNR_k = (b-1) r_k; r_k is inf where
     # m2_k = 0 < gbar_k^2 (no variance: gated, no GSNR) and nan for 0/0 (neither).
@@ -556,14 +683,14 @@ def grad_noise(
             rows.append(torch.stack([torch.dot(mp, mp), m2p.sum() / (b - 1), gsnr, (m2p > 0).sum(), gated]))
         per_t = torch.stack(rows).cpu().numpy()
     sums = np.concatenate([per_t[:, :2], per_t[:, 1:2] / b, per_t[:, 2:]], 1)
-    index = {n: t for t, n in enumerate(names)}
+    index = {name: t for t, name in enumerate(names)}
     labels = list(groups)
-    members = [[index[n] for n in groups[label]] for label in labels] + [list(range(T))]
-    summaries = _group_summaries(sums, np.array(sizes, dtype=np.float64), sq.cpu().numpy(),
-                                 dot.cpu().numpy(), members, b)
-
-    return GradNoise(groups=dict(zip(labels, summaries[:-1])), total=summaries[-1], batch_size=b, method=used,
-                     flat_mean=mean, flat_m2=m2, shapes={n: fm.shapes[n] for n in names})
+    members = [[index[name] for name in groups[label]] for label in labels] + [list(range(T))]
+    summaries_ = _group_summaries(sums, np.array(sizes, dtype=np.float64),
+                                  None if sq is None else sq.cpu().numpy(),
+                                  None if dot is None else dot.cpu().numpy(), members, b)
+    return GradNoise(groups=dict(zip(labels, summaries_[:-1])), total=summaries_[-1], batch_size=b, method=used,
+                     flat_mean=mean, flat_m2=m2, shapes=shapes)
 
 
 class GradNoiseProbe:

@@ -81,6 +81,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lmech.core.distributed import DEFAULT_TIMEOUT_S, CollectiveError, is_fsdp, resolve, unwrap
 from lmech.core.functional import ParamSelector
 from lmech.core.threads import blas_threads
 from lmech.probes.base import Cost, Probe, TrainState, split_batch
@@ -101,19 +102,38 @@ PRESETS = ("economy", "full")
 
 class LossProbe:
     """Monitor probe: ``loss`` of the model on the probe batch (and ``accuracy`` for integer
-    targets with outputs ``(n, classes)``), in eval mode."""
+    targets with outputs ``(n, classes)``), in eval mode.
+
+    Several processes: the global-batch values, :math:`\sum_r n_r L_r / N` (``loss_fn`` a mean
+    over examples) and the fraction of correct predictions over all :math:`N` examples, from one
+    all-reduce of each rank's weighted sums."""
 
     name = "probe"
     cost: Cost = "low"
+    shards = True
 
     def measure(self, state: TrainState) -> dict[str, float | Tensor]:
         inputs, targets = split_batch(state.batch)
+        n = inputs[0].shape[0]
         with torch.no_grad():
             out = state.model(*inputs)
-            metrics = {"loss": float(state.loss_fn(out, targets))}
-            if (isinstance(targets, Tensor) and not targets.is_floating_point()
-                    and isinstance(out, Tensor) and out.dim() == targets.dim() + 1):
-                metrics["accuracy"] = float((out.argmax(-1) == targets).double().mean())
+            loss = state.loss_fn(out, targets).detach().to(torch.float64)
+            has_accuracy = (isinstance(targets, Tensor) and not targets.is_floating_point()
+                            and isinstance(out, Tensor) and out.dim() == targets.dim() + 1)
+            correct = (out.argmax(-1) == targets).double().sum() if has_accuracy else torch.zeros((), dtype=torch.float64)
+        if state.dist is None:
+            metrics = {"loss": float(loss)}
+            if has_accuracy:
+                metrics["accuracy"] = float(correct / targets.numel())
+            return metrics
+        d = state.dist
+        count = targets.numel() if isinstance(targets, Tensor) else n
+        parts = torch.stack([loss * n if n else loss.new_zeros(()), correct.cpu().to(torch.float64),
+                             torch.tensor(float(n), dtype=torch.float64), torch.tensor(float(count), dtype=torch.float64)])
+        total_loss, total_correct, total_n, total_count = d.sum(parts.cpu()).tolist()
+        metrics = {"loss": total_loss / total_n}
+        if has_accuracy:
+            metrics["accuracy"] = total_correct / total_count
         return metrics
 
 
@@ -285,6 +305,15 @@ class Monitor:
         params: parameter selector for the probes' global metrics (default: all trainable).
         on_error: ``"raise"`` (default) or ``"warn"``: a failing probe is skipped for that
             measurement with a one-line warning.
+        group: several processes. ``"auto"`` (default): when ``torch.distributed`` is
+            initialized with more than one rank, every rank's ``probe_batch`` is its shard of one
+            global probe batch (the shards concatenated in rank order) and every metric is that
+            of the global batch (section "Several processes" of the module docstring); ``None``:
+            each process measures its own batch alone; or a ``ProcessGroup``. All ranks must
+            build the Monitor and call :meth:`step` with the same steps.
+        timeout_s: collective timeout of a distributed measurement: a rank that fails (or
+            stops) makes the others raise :class:`lmech.core.distributed.CollectiveError`
+            within about this time instead of waiting forever.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -309,9 +338,12 @@ class Monitor:
         *,
         params: ParamSelector = None,
         on_error: Literal["raise", "warn"] = "raise",
+        group="auto",
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor needs an nn.Module, got {type(model).__name__}")
+        model = unwrap(model)  # DDP: probes run on .module (no double backward through DDP's hooks)
         split_batch(probe_batch)  # validates the shape of the batch now, not at step 100
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
@@ -326,10 +358,21 @@ class Monitor:
         names = [p.name for p in self.probes]
         if len(set(names)) != len(names):
             raise ValueError(f"two probes share a name in {names}; give them distinct names")
+        if is_fsdp(model):
+            for p in self.probes:
+                if not isinstance(p, LossProbe):
+                    raise ValueError(
+                        f"probe {p.name!r} does not run under FSDP2 (fully_shard): its parameters are sharded "
+                        "DTensors and its per-example gradients or Hessian products do not go through FSDP's "
+                        "hooks; measure under DistributedDataParallel, or use probes=[LossProbe()] here")
+        self.dist = resolve(group, timeout_s)
+        self._global_batch = None
         self.model, self.loss_fn, self.probe_batch = model, loss_fn, probe_batch
         self.every, self.params, self.on_error = every, params, on_error
         self.max_bytes = None if budget_mb is None else int(budget_mb * 2**20)
         self.sinks: list[Sink] = [ListSink()] if sinks is None else [_as_sink(s) for s in sinks]
+        # several processes: only rank 0 writes (every rank returns the same metrics)
+        self._writes = self.dist is None or self.dist.rank == 0
         self.history: ListSink | None = next((s for s in self.sinks if isinstance(s, ListSink)), None)
         self.last: dict[str, float | Tensor] | None = None
         self.seconds = 0.0
@@ -347,35 +390,77 @@ class Monitor:
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         state = TrainState(self.model, self.loss_fn, self.probe_batch, int(step), optimizer,
-                           self.params, self.max_bytes)
+                           self.params, self.max_bytes, dist=self.dist)
         metrics: dict[str, float | Tensor] = {}
+        seconds: list[float] = []
         try:
             with blas_threads():
                 for probe in self.probes:
                     t0 = time.perf_counter()
+                    error = None
                     try:
-                        values = probe.measure(state)
+                        values = probe.measure(self._state_for(probe, state))
                     except Exception as e:
+                        error = e
+                    if self.dist is not None:
+                        error = self._agree(probe, error)
+                    if error is not None:
                         if self.on_error == "raise":
-                            raise
-                        warnings.warn(f"probe {probe.name!r} failed at step {step}: {type(e).__name__}: {e}",
-                                      stacklevel=2)
+                            raise error
+                        warnings.warn(f"probe {probe.name!r} failed at step {step}: {type(error).__name__}: "
+                                      f"{error}", stacklevel=2)
                         continue
                     for key, value in values.items():
                         metrics[f"{probe.name}/{key}"] = value
                     metrics[f"{probe.name}/seconds"] = time.perf_counter() - t0
+                    seconds.append(f"{probe.name}/seconds")
         finally:
             for m, was_training in modes:
                 m.training = was_training
             rng.restore()
-        for sink in self.sinks:
-            sink.write(int(step), metrics)
+        if self.dist is not None and seconds:  # rank 0's timings, so that every rank returns the same
+            rank0 = self.dist.broadcast_status(torch.tensor([metrics[k] for k in seconds], dtype=torch.float64))
+            metrics.update(zip(seconds, rank0.tolist()))
+        if self._writes:
+            for sink in self.sinks:
+                sink.write(int(step), metrics)
         self.last = metrics
         self.seconds += time.perf_counter() - start
         return metrics
 
+    def _state_for(self, probe, state: TrainState) -> TrainState:
+        """Several processes: a probe that combines the ranks' parts itself (``shards = True``)
+        sees this rank's shard; any other probe sees the global batch, gathered once (the probe
+        batch is fixed), and computes the same values on every rank."""
+        if self.dist is None or getattr(probe, "shards", False):
+            return state
+        if self._global_batch is None:
+            self._global_batch = self.dist.gather_batch(self.probe_batch)
+        return TrainState(state.model, state.loss_fn, self._global_batch, state.step, state.optimizer,
+                          state.params, state.max_bytes, state.cache, dist=None)
+
+    def _agree(self, probe, error: Exception | None) -> Exception | None:
+        """After each probe the ranks exchange whether it failed (status group, with the
+        timeout), so that all of them raise (or, with ``on_error="warn"``, skip it) together."""
+        try:
+            failed = self.dist.any_failed(error is not None)
+        except CollectiveError as e:
+            return error if error is not None else e
+        if not failed:
+            return None
+        try:
+            messages = self.dist.gather_messages("" if error is None else f"{type(error).__name__}: {error}")
+        except CollectiveError as e:
+            return error if error is not None else e
+        if error is not None:
+            return error
+        first = failed[0]
+        return CollectiveError(f"probe {probe.name!r} failed on rank {first}: {messages[first]}")
+
     def close(self) -> None:
-        """Flush and close every sink."""
+        """Flush and close every sink (rank 0's only, under several processes)."""
+        if not self._writes:
+            return
         for sink in self.sinks:
             sink.close()
 

@@ -74,7 +74,8 @@ class Distributed:
 
     Attributes:
         group: process group for the data collectives (its own, with ``timeout_s``).
-        status_group: a gloo group for the per-probe status exchange (CPU tensors).
+        status_group: a gloo group for the per-probe status exchange (CPU tensors; timeout
+            ``2 * timeout_s``). Only the Monitor's status exchange uses it.
         rank, world_size: this process's rank in ``group`` and the number of ranks.
         timeout_s: collective timeout in seconds.
         device: where the data group's tensors live (CUDA for NCCL); results come back on the
@@ -122,8 +123,7 @@ class Distributed:
         """Every rank's ``n`` (e.g. its number of examples), in rank order."""
         local = torch.zeros(self.world_size, dtype=torch.int64)
         local[self.rank] = int(n)
-        self._guard(lambda: _dist().all_reduce(local, group=self.status_group), "all-reduce")
-        return [int(c) for c in local]
+        return [int(c) for c in self.sum(local)]
 
     def gather_rows(self, t: Tensor, counts: list[int], dim: int = 0) -> Tensor:
         """The ranks' ``t`` concatenated along ``dim`` in rank order; rank ``r``'s ``t`` has
@@ -156,6 +156,13 @@ class Distributed:
         flags[self.rank] = int(failed)
         self._guard(lambda: _dist().all_reduce(flags, group=self.status_group), "status exchange")
         return [r for r, f in enumerate(flags.tolist()) if f]
+
+    def broadcast_status(self, t: Tensor) -> Tensor:
+        """Rank 0's CPU tensor ``t`` on every rank, over the status group (e.g. timings)."""
+        out = t.detach().clone().contiguous()
+        self._guard(lambda: _dist().broadcast(out, src=_dist().get_global_rank(self.status_group, 0),
+                                              group=self.status_group), "status exchange")
+        return out
 
     def gather_messages(self, message: str) -> list[str]:
         out: list = [None] * self.world_size
@@ -201,7 +208,8 @@ def resolve(group="auto", timeout_s: float = DEFAULT_TIMEOUT_S) -> Distributed |
     backend = dist.get_backend(parent)
     data = dist.new_group(ranks, timeout=timeout, backend=backend)
     # the status exchange has a group of its own: a rank that failed inside a probe posts its
-    # status there while the others may still wait in a data collective (no mismatched calls)
-    status = dist.new_group(ranks, timeout=timeout, backend="gloo")
+    # status there while the others may still wait in a data collective (no mismatched calls);
+    # it waits twice as long, so that a rank whose data collective timed out still finds it there
+    status = dist.new_group(ranks, timeout=2 * timeout, backend="gloo")
     device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
     return Distributed(data, status, dist.get_rank(data), dist.get_world_size(data), float(timeout_s), device)

@@ -44,6 +44,10 @@ class TrainState:
         params: parameter selector (see :data:`lmech.core.ParamSelector`) for the global metrics.
         max_bytes: memory budget for any one allocation a probe makes.
         cache: shared between the probes of one measurement (e.g. per-example gradients).
+        dist: several processes (:class:`lmech.core.distributed.Distributed`): ``batch`` is this
+            rank's shard of the global probe batch, for a probe that combines the ranks' parts
+            itself (``shards = True`` on the probe class); ``None`` otherwise (the Monitor gives
+            every other probe the gathered global batch).
     """
 
     model: nn.Module
@@ -54,6 +58,7 @@ class TrainState:
     params: ParamSelector = None
     max_bytes: int | None = DEFAULT_MAX_BYTES
     cache: dict[str, Any] = field(default_factory=dict)
+    dist: Any = None
 
 
 @runtime_checkable
@@ -105,9 +110,17 @@ def split_batch(batch) -> tuple[tuple, Any]:
     return inputs, targets
 
 
-def subsample(batch, n: int | None) -> tuple:
-    """The first ``n`` examples of ``(inputs, targets)`` (all of them when ``n`` is ``None``)."""
+def subsample(batch, n: int | None, dist=None) -> tuple:
+    """The first ``n`` examples of ``(inputs, targets)`` (all of them when ``n`` is ``None``).
+
+    With ``dist`` (several processes, ``batch`` this rank's shard): this rank's part of the first
+    ``n`` examples of the global batch (:func:`lmech.core.distributed.local_count`; possibly
+    none). Every rank must call it together."""
     inputs, targets = split_batch(batch)
+    if dist is not None and n is not None:
+        from lmech.core.distributed import local_count
+
+        n = local_count(inputs[0].shape[0], dist.counts(inputs[0].shape[0]), dist.rank, n)
     if n is None or n >= inputs[0].shape[0]:
         return batch
     xs = tuple(x[:n] for x in inputs)

@@ -705,13 +705,15 @@ class GradNoiseProbe:
 
     name = "gradnoise"
     cost: Cost = "medium"
+    shards = True  # several processes: combines the ranks' sufficient statistics (grad_noise(group=))
 
     def __init__(self, *, per_layer: bool = True, per_coordinate: bool = False, num_examples: int | None = None):
         self.per_layer, self.per_coordinate, self.num_examples = per_layer, per_coordinate, num_examples
 
     def measure(self, state: TrainState) -> dict[str, float | Tensor]:
-        batch = subsample(state.batch, self.num_examples)
-        gn = grad_noise(state.model, state.loss_fn, batch, state.params, max_bytes=state.max_bytes)
+        batch = subsample(state.batch, self.num_examples, state.dist)
+        gn = grad_noise(state.model, state.loss_fn, batch, state.params, max_bytes=state.max_bytes,
+                        group=state.dist)
         t = gn.total
         out: dict[str, float | Tensor] = {
             "grad_norm": math.sqrt(t.grad_norm_sq), "snr": t.snr, "snr_stderr": t.snr_stderr,

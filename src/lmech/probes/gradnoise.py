@@ -45,20 +45,37 @@ Two ways to the same numbers (``method=``):
   writing :math:`b \times P` numbers (the sums-of-squares trick of BackPACK, Dangel et al.,
   ICLR 2020): :math:`\sum_i g_i = \Delta^\top A`, :math:`\sum_i g_i^{\odot 2} =
   (\Delta^{\odot 2})^\top A^{\odot 2}`, :math:`|g_i|^2 = |a_i|^2|\delta_i|^2`, :math:`g_i\cdot S =
-  \delta_i^\top S a_i`, in float64, with :math:`\sum_i (g_{ik} - \bar g_k)^2 = \sum_i g_{ik}^2 -
-  b\bar g_k^2` (float64 from float32 factors: the products are exact, and the cancellation costs
-  :math:`\epsilon_{64}\sum_i g_{ik}^2`, below the float32 rounding of the ``"vmap"`` path). The
+  \delta_i^\top S a_i`, with :math:`\sum_i (g_{ik} - \bar g_k)^2 = \sum_i g_{ik}^2 - b\bar g_k^2`
+  in float64. :math:`\sum_i g_i` is autograd's gradient of the batch and the sums of squares one
+  matrix product per layer in the model's dtype (as BackPACK's ``Variance``; a float64 product
+  takes twice as long on CPU): the cancellation costs a relative error of about
+  :math:`\epsilon(1 + \mathrm{GSNR}_k)` in :math:`\hat\sigma_k^2` (:math:`\epsilon` the dtype's
+  rounding of a length-:math:`b` sum), negligible where noise matters. Only what is asked is
+  computed: ``stderr=False`` skips the per-example norms and dots (one matrix product per layer),
+  ``summaries=False`` the group statistics. The
   loss gradients at the output are those of ``loss_fn`` on each example as a batch of one, as in
   the general path: ``vmap`` over the outputs only, or, for the common mean (sum) losses
   (``F.cross_entropy``, ``F.mse_loss``, ... and their modules, without class weights or ignored
   targets), ``b`` (1) times the gradient of the batch loss. Like the general path it assumes the
   model treats examples independently (true in eval mode). A guard compares :math:`\sum_i g_i`
-  with the autograd gradient of the batch: a weight also used outside its layer (tied, read
-  directly in ``forward``) or a layer output rewritten in place fails it and falls back to
-  ``"vmap"``.
+  from the outer products with the autograd gradient of the batch along a random direction: a
+  weight also used outside its layer (tied, read directly in ``forward``) or a layer output
+  rewritten in place fails it and falls back to ``"vmap"``.
 * ``"auto"`` (default): ``"linear"`` when it applies, else ``"vmap"``; :attr:`GradNoise.method`
-  says which ran. ``benchmarks/gradnoise_paths.py`` (32 examples): 1.8x faster than ``"vmap"``
-  on the Monitor benchmark's MLP (78,858 parameters), 5.9x on a 1024-wide one (1.1M).
+  says which ran (``benchmarks/gradnoise_paths.py`` times the two, and
+  ``benchmarks/gradnoise_vs_backpack.py`` this path against BackPACK; figures in
+  docs/results/probes.md).
+
+Several processes (``group=``, :mod:`lmech.core.distributed`): every statistic above is a function
+of sufficient statistics that add over examples, so each rank computes them on its shard and
+they are combined into those of the global batch (the shards concatenated in rank order): the
+column sums :math:`S = \sum_r S_r` by all-reduce; the centered sums of squares about the global
+mean, :math:`\sum_r [M_{2,r} + n_r(\bar g_r - \bar g)^2]` (Chan, Golub & LeVeque 1979), by a second
+all-reduce; each example's :math:`|g_i|^2` and :math:`g_i\cdot S` (with the global :math:`S`) by
+an all-gather of :math:`T \times n_r` numbers. SNR, gate fraction, noise scale and the jackknife
+errors are then computed from the same numbers on every rank and equal the single-process values
+on the concatenated batch (to float rounding; tested to 1e-8 in float64). The method is agreed
+on by all ranks (any rank's fallback to ``"vmap"`` is everyone's).
 
 Memory (``"vmap"``): per-example gradients take :math:`b P` numbers; above ``max_bytes`` the batch is processed
 in chunks of examples (two passes: moments first, then each example's dot product with the sum).
@@ -148,9 +165,13 @@ class GradNoise:
     total: GroupNoise
     batch_size: int
     method: str
-    flat_mean: Tensor = field(repr=False)  # float64, the selected tensors concatenated
+    flat_sum: Tensor = field(repr=False)  # float64 column sums sum_i g_ik, the selected tensors concatenated
     flat_m2: Tensor = field(repr=False)  # centered sums of squares sum_i (g_ik - gbar_k)^2
     shapes: dict[str, torch.Size] = field(repr=False)
+
+    @cached_property
+    def flat_mean(self) -> Tensor:
+        return self.flat_sum * (1.0 / self.batch_size)
 
     def _per_tensor(self, flat: Tensor) -> dict[str, Tensor]:
         sizes = [s.numel() for s in self.shapes.values()]
@@ -162,17 +183,18 @@ class GradNoise:
 
     @cached_property
     def variance(self) -> dict[str, Tensor]:
-        return self._per_tensor(self.flat_m2 / (self.batch_size - 1))
+        return self._per_tensor(self.flat_m2 * (1.0 / (self.batch_size - 1)))
 
     @cached_property
     def loo_variance(self) -> dict[str, Tensor]:
-        return self._per_tensor(self.flat_m2 / (self.batch_size * (self.batch_size - 1)))
+        return self._per_tensor(self.flat_m2 * (1.0 / (self.batch_size * (self.batch_size - 1))))
 
     @cached_property
     def snr(self) -> dict[str, Tensor]:
+        # gbar^2 b (b-1) / m2 = S^2 (b-1) / (b m2); nan where m2 = 0 (inf or 0/0 before)
         b = self.batch_size
-        ratio = self.flat_mean.square().mul_(b * (b - 1)).div_(self.flat_m2)
-        return self._per_tensor(ratio.masked_fill_(self.flat_m2 <= 0, math.nan))
+        ratio = self.flat_sum.square().mul_((b - 1) / b).div_(self.flat_m2)
+        return self._per_tensor(ratio.nan_to_num_(nan=math.nan, posinf=math.nan, neginf=math.nan))
 
 
 def _noise_scale(trace_cov: np.ndarray, norm_sq: np.ndarray, b: int) -> np.ndarray:
@@ -335,8 +357,13 @@ class _LinearPass:
     Per layer with inputs :math:`A` (``n x in``) and output loss gradients :math:`\Delta`
     (``n x out``): the weight sums :math:`S = \Delta^\top A` come from the same backward pass
     that gives :math:`\Delta` (autograd's parameter gradients of :math:`\langle f, e\rangle`, in
-    the model's dtype); the sums of squares :math:`(\Delta^{\odot2})^\top A^{\odot2}` and
-    :math:`|g_i|^2 = |a_i|^2|\delta_i|^2` in float64 (exact products); :math:`g_i\cdot S =
+    the model's dtype); the sums of squares :math:`(\Delta^{\odot2})^\top A^{\odot2}` in the
+    model's dtype (one matrix product per layer, as BackPACK's ``Variance``), combined in float64
+    as :math:`\sum_i g_{ik}^2 - S_k^2/n`; the cancellation costs a relative error of about
+    :math:`\epsilon\,(1 + \mathrm{GSNR}_k)` in :math:`\hat\sigma^2_k` (:math:`\epsilon` the
+    dtype's rounding, times the usual growth of a length-:math:`n` sum), far below 1 where the
+    noise matters (:math:`\mathrm{GSNR}_k \ll 1/\epsilon`);
+    :math:`|g_i|^2 = |a_i|^2|\delta_i|^2` in float64; :math:`g_i\cdot S =
     \sum_j (\Delta S)_{ij} A_{ij}` (:meth:`dots`, only for standard errors). ``ok`` is ``False``
     when the model is not of that form (checked before and during the pass).
 
@@ -349,7 +376,8 @@ class _LinearPass:
     matrix product.
     """
 
-    def __init__(self, fm: FunctionalModel, loss_fn: Callable, inputs: tuple, targets, stderr: bool):
+    def __init__(self, fm: FunctionalModel, loss_fn: Callable, inputs: tuple, targets, stderr: bool,
+                 exact: bool = True):
         self.fm, self.ok = fm, False
         layers = _linear_layers(fm)
         if not layers:
@@ -381,46 +409,51 @@ class _LinearPass:
         deltas = dict(zip(modules, found[:len(modules)]))
         batch_grad = dict(zip(fm.names, found[len(modules):]))
 
-        dt, device = torch.float64, out.device
+        f64, device = torch.float64, out.device
+        dt = f64 if exact else out.dtype  # dtype of the per-coordinate statistics
         names = fm.names
         sizes = [fm.shapes[name].numel() for name in names]
         self.sums, self.squares = (torch.empty(fm.numel, dtype=dt, device=device) for _ in range(2))
         views = dict(zip(names, zip(self.sums.split(sizes), self.squares.split(sizes))))
         index = {name: t for t, name in enumerate(names)}
-        self.sq = torch.empty(len(names), n, dtype=dt, device=device) if stderr else None
+        self.sq = torch.empty(len(names), n, dtype=f64, device=device) if stderr else None
         self._factors = []  # (tensor index, attr, a, d) for the dots
         gen = torch.Generator(device=device).manual_seed(0)
         mismatch = bound = 0.0
         for module, attrs in layers.items():
-            a_raw, d_raw = calls[module][0].detach(), deltas[module]
+            a_raw, d_raw = calls[module][0].detach(), deltas[module]  # (n, in), (n, out), model dtype
             a, d = a_raw.to(dt), d_raw.to(dt)
             d2 = d * d
+            d2_rows = d2.sum(1).to(f64)
             for attr, name in attrs.items():
                 t = index[name]
                 sums, squares = views[name]
                 g = batch_grad[name]
+                if g is None:
+                    return
                 if attr == "weight":
-                    S = sums.view(d.shape[1], a.shape[1])
-                    if g is None:
-                        return
-                    S.copy_(g)
+                    if a_raw.dtype == dt:  # autograd's batch gradient is the sum of the outer products
+                        sums.view_as(g).copy_(g)
+                    else:  # float64 from float32 factors: exact products
+                        torch.mm(d.T, a, out=sums.view_as(g))
                     a2 = a * a
-                    torch.mm(d2.T, a2, out=squares.view_as(S))
+                    torch.mm(d2.T, a2, out=squares.view_as(g))
                     if stderr:
-                        self.sq[t] = a2.sum(1) * d2.sum(1)
-                    u = torch.randn(a.shape[1], generator=gen, dtype=dt, device=device)
+                        self.sq[t] = a2.sum(1).to(f64) * d2_rows
+                    u = torch.randn(a.shape[1], generator=gen, dtype=f64, device=device).to(dt)
                     au = a @ u  # (n,)
-                    mismatch += float((S @ u - d.T @ au).square().sum())
-                    bound += float(((d2.sum(1)) * au.square()).sum()) * n
+                    mismatch += float((g.to(dt) @ u - d.T @ au).to(f64).square().sum())
+                    bound += float((d2_rows * au.to(f64).square()).sum()) * n
                 else:
-                    if g is None:
-                        return
-                    sums.copy_(g)
+                    if a_raw.dtype == dt:
+                        sums.copy_(g)
+                    else:
+                        torch.sum(d, 0, out=sums)
                     torch.sum(d2, 0, out=squares)
                     if stderr:
-                        self.sq[t] = d2.sum(1)
-                    mismatch += float((sums - d.sum(0)).square().sum())
-                    bound += float(d2.sum()) * n
+                        self.sq[t] = d2_rows
+                    mismatch += float((g.to(dt) - d.sum(0)).to(f64).square().sum())
+                    bound += float(d2_rows.sum()) * n
                 self._factors.append((t, attr, a_raw, d_raw))
         self.ok = mismatch <= GUARD_RTOL**2 * bound
 
@@ -436,15 +469,14 @@ class _LinearPass:
                 # in the gradients' dtype, as the "vmap" path computes it (no cancellation)
                 dot[t] = ((d_raw @ St) * a_raw).sum(1)
             else:
-                dot[t] = d_raw.to(torch.float64) @ parts[t]
+                dot[t] = d_raw.to(torch.float64) @ parts[t].to(torch.float64)
         return dot
 
-    def centered(self) -> tuple[Tensor, Tensor]:
-        """``(mean, m2)`` of this rank's examples: column means and centered sums of squares,
-        :math:`\\sum_i g_{ik}^2 - S_k^2/n` (float64; the products are exact)."""
+    def centered(self) -> Tensor:
+        """Centered sums of squares of this rank's examples, :math:`\\sum_i g_{ik}^2 - S_k^2/n`
+        (float64; the products are exact); their column means are ``sums / n``."""
         n = self._factors[0][2].shape[0]
-        m2 = self.squares.addcmul_(self.sums, self.sums, value=-1.0 / n).clamp_(min=0.0)
-        return self.sums / n, m2
+        return self.squares.addcmul_(self.sums, self.sums, value=-1.0 / n).clamp_(min=0.0)
 
 
 class _VmapPass:
@@ -511,7 +543,7 @@ class _VmapPass:
                                     for name, p in zip(self.names, parts)]))
         return torch.cat(out, 1).to(torch.float64)
 
-    def centered(self) -> tuple[Tensor, Tensor]:
+    def centered(self) -> Tensor:
         if self._held is not None:
             moments = [_moments(r, with_dot=False) for r in self._held]
             self._held = None
@@ -529,7 +561,7 @@ class _VmapPass:
                 mean = mean + delta * (m / total)
                 m2 = m2 + chunk_m2 + delta**2 * (seen * m / total)
             seen += m
-        return mean, m2
+        return m2
 
 
 def _check_batchnorm(model: nn.Module) -> None:
@@ -558,6 +590,7 @@ def grad_noise(
     method: str = "auto",
     stderr: bool = True,
     summaries: bool = True,
+    precision: str = "float64",
     group=None,
 ) -> GradNoise:
     r"""Gradient noise statistics of ``loss_fn`` on ``batch`` (module docstring).
@@ -582,6 +615,13 @@ def grad_noise(
         summaries: compute the per-layer and global :class:`GroupNoise`; ``False`` leaves
             ``groups`` empty and ``total`` ``None`` (only the per-coordinate ``mean``,
             ``variance``, ``loo_variance`` and ``snr``, what BackPACK's ``Variance`` gives).
+        precision: ``"float64"`` (default): per-coordinate statistics in float64; on the
+            ``"linear"`` path the sums and sums of squares are float64 products of the model's
+            factors (exact for float32 factors). ``"model"``: on the ``"linear"`` path, in the
+            model's dtype, as BackPACK (the sums are autograd's batch gradient; about 1.5x
+            faster in float32, docs/results/probes.md), with a relative error of about
+            :math:`\epsilon(1+\mathrm{GSNR}_k)` in :math:`\hat\sigma^2_k` from the cancellation in
+            :math:`\sum_i g_{ik}^2 - b\bar g_k^2`. The ``"vmap"`` path always combines in float64.
         group: ``None`` (one process), a :class:`lmech.core.distributed.Distributed` context or a
             process group: ``batch`` is this rank's shard, and the statistics are those of the
             global batch, the shards concatenated in rank order (sufficient statistics combined
@@ -610,6 +650,8 @@ def grad_noise(
     _check_batchnorm(fm.model)
     if method not in ("auto", "vmap", "linear"):
         raise ValueError(f"method must be 'auto', 'vmap' or 'linear', got {method!r}")
+    if precision not in ("float64", "model"):
+        raise ValueError(f"precision must be 'float64' or 'model', got {precision!r}")
     if groups is None:
         groups = layer_groups(fm.model, fm.names)
     unknown = [n for names in groups.values() for n in names if n not in fm.shapes]
@@ -630,7 +672,7 @@ def grad_noise(
     # 1. this rank's pass (the same method on every rank: any rank's fallback is everyone's)
     local = None
     if method != "vmap" and n > 0:
-        local = _LinearPass(fm, loss_fn, inputs, targets, stderr)
+        local = _LinearPass(fm, loss_fn, inputs, targets, stderr, exact=precision == "float64")
         if not local.ok:
             local = None
     linear = method != "vmap" and (n == 0 or local is not None)
@@ -645,42 +687,45 @@ def grad_noise(
 
     # 2. sums over the global batch: S, then each example's dot with S, then the centered sums
     # of squares about the global mean, m2 = sum_r [m2_r + n_r (mean_r - mean)^2]
-    zeros = torch.zeros(sum(sizes), dtype=dt, device=first.device)
-    S = local.sums if local is not None else zeros
+    if linear and precision == "model":
+        dt = first.dtype
+    S = local.sums if local is not None else torch.zeros(sum(sizes), dtype=dt, device=first.device)
     if d is not None:
         S = d.sum(S)
-    mean = S / b
     dot = sq = None
     if stderr:
         dot = local.dots(S) if local is not None else torch.zeros(T, 0, dtype=dt, device=first.device)
         sq = local.sq if local is not None else torch.zeros(T, 0, dtype=dt, device=first.device)
     if local is not None:
-        mean_r, m2 = local.centered()
-        if d is not None:
-            m2 = m2.addcmul_(mean_r - mean, mean_r - mean, value=float(n))
+        m2 = local.centered()
+        if d is not None:  # about the global mean: + n_r (mean_r - mean)^2
+            shift = local.sums.mul(1.0 / n).sub_(S, alpha=1.0 / b)
+            m2 = m2.addcmul_(shift, shift, value=float(n))
     else:
-        m2 = zeros
+        m2 = torch.zeros_like(S)
     if d is not None:
         m2 = d.sum(m2)
         if stderr:
             sq, dot = d.gather_rows(sq, counts, dim=1), d.gather_rows(dot, counts, dim=1)
     shapes = {name: fm.shapes[name] for name in names}
     if not summaries:
-        return GradNoise(groups={}, total=None, batch_size=b, method=used, flat_mean=mean, flat_m2=m2,
+        return GradNoise(groups={}, total=None, batch_size=b, method=used, flat_sum=S, flat_m2=m2,
                          shapes=shapes)
 
     # 3. per-tensor sums of the per-coordinate statistics, on views of the flat vectors (P-sized
     # temporaries cost more to allocate than the arithmetic); groups add the per-tensor sums.
-    # With r_k = gbar_k^2 / m2_k: SNR_k = b (b-1) r_k, GSNR_k = (b-1) r_k; r_k is inf where
-    # m2_k = 0 < gbar_k^2 (no variance: gated, no GSNR) and nan for 0/0 (neither).
-    gate_r = (1 + GATE_MARGIN) / (b * (b - 1))
+    # With r_k = S_k^2 / m2_k = b^2 gbar_k^2 / m2_k: SNR_k = (b-1)/b r_k, GSNR_k = (b-1)/b^2 r_k;
+    # r_k is inf where m2_k = 0 < S_k^2 (no variance: gated, no GSNR) and nan for 0/0 (neither).
+    gate_r = (1 + GATE_MARGIN) * b / (b - 1)
+    dt64 = torch.float64
     rows = []
     with torch.no_grad():
-        for mp, m2p in zip(mean.split(sizes), m2.split(sizes)):
-            r = (mp * mp).div_(m2p)
+        for sp, m2p in zip(S.split(sizes), m2.split(sizes)):  # (sums accumulated in float64)
+            r = (sp * sp).div_(m2p)
             gated = (r > gate_r).sum()
-            gsnr = r.nan_to_num_(nan=0.0, posinf=0.0).sum() * (b - 1)
-            rows.append(torch.stack([torch.dot(mp, mp), m2p.sum() / (b - 1), gsnr, (m2p > 0).sum(), gated]))
+            gsnr = r.nan_to_num_(nan=0.0, posinf=0.0).sum(dtype=dt64) * ((b - 1) / b**2)
+            rows.append(torch.stack([(sp * sp).sum(dtype=dt64) / b**2, m2p.sum(dtype=dt64) / (b - 1), gsnr,
+                                     (m2p > 0).sum().to(dt64), gated.to(dt64)]))
         per_t = torch.stack(rows).cpu().numpy()
     sums = np.concatenate([per_t[:, :2], per_t[:, 1:2] / b, per_t[:, 2:]], 1)
     index = {name: t for t, name in enumerate(names)}
@@ -690,7 +735,7 @@ def grad_noise(
                                   None if sq is None else sq.cpu().numpy(),
                                   None if dot is None else dot.cpu().numpy(), members, b)
     return GradNoise(groups=dict(zip(labels, summaries_[:-1])), total=summaries_[-1], batch_size=b, method=used,
-                     flat_mean=mean, flat_m2=m2, shapes=shapes)
+                     flat_sum=S, flat_m2=m2, shapes=shapes)
 
 
 class GradNoiseProbe:

@@ -331,7 +331,7 @@ class HessianOperator:
         return g if self.scale is None else g * self.scale
 
     def _combine(self, local: Tensor) -> Tensor:
-        """Several processes: the global-batch value, :math:`\sum_r \frac{n_r}{N}` (rank
+        r"""Several processes: the global-batch value, :math:`\sum_r \frac{n_r}{N}` (rank
         :math:`r`'s value), all-reduced (the same on every rank); one process: ``local``."""
         if self.dist is None:
             return local

@@ -101,7 +101,7 @@ PRESETS = ("economy", "full")
 
 
 class LossProbe:
-    """Monitor probe: ``loss`` of the model on the probe batch (and ``accuracy`` for integer
+    r"""Monitor probe: ``loss`` of the model on the probe batch (and ``accuracy`` for integer
     targets with outputs ``(n, classes)``), in eval mode.
 
     Several processes: the global-batch values, :math:`\sum_r n_r L_r / N` (``loss_fn`` a mean
@@ -389,6 +389,8 @@ class Monitor:
         rng = _Saved.capture()
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
+        if self.dist is not None and self.dist.known is None:  # the probe batch's shard sizes, once
+            self.dist = self.dist.bound(self.dist.counts(split_batch(self.probe_batch)[0][0].shape[0]))
         state = TrainState(self.model, self.loss_fn, self.probe_batch, int(step), optimizer,
                            self.params, self.max_bytes, dist=self.dist)
         metrics: dict[str, float | Tensor] = {}

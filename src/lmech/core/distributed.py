@@ -22,6 +22,7 @@ All ranks must make the same calls in the same order (the Monitor's schedule gua
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 from dataclasses import dataclass
 from typing import Any
@@ -94,6 +95,7 @@ class Distributed:
     world_size: int
     timeout_s: float
     device: torch.device = torch.device("cpu")  # where the data group's backend wants tensors
+    known: list[int] | None = None  # every rank's example count of the batch at hand, when known
 
     # -- collectives (every rank calls them in the same order) ----------------------------------
 
@@ -120,10 +122,34 @@ class Distributed:
         return out.to(t.device)
 
     def counts(self, n: int) -> list[int]:
-        """Every rank's ``n`` (e.g. its number of examples), in rank order."""
+        """Every rank's ``n`` (e.g. its number of examples), in rank order: the bound counts
+        (:meth:`bound`) without communication, else one all-reduce."""
+        if self.known is not None:
+            if self.known[self.rank] != n:
+                raise ValueError(f"rank {self.rank} holds {n} examples but this context was bound to "
+                                 f"{self.known[self.rank]}; bind it to the batch at hand (Distributed.bound)")
+            return list(self.known)
         local = torch.zeros(self.world_size, dtype=torch.int64)
         local[self.rank] = int(n)
         return [int(c) for c in self.sum(local)]
+
+    def bound(self, counts: list[int]) -> "Distributed":
+        """This context with every rank's example count of a batch known (``counts``, the same
+        list on every rank), so that probes on that batch skip the all-reduce of the counts."""
+        return dataclasses.replace(self, known=[int(c) for c in counts])
+
+    def first_examples(self, batch, n: int | None):
+        """``(this rank's part of the first n examples of the global batch, its bound
+        context)``; the batch as is when ``n`` is ``None``. Communicates only when the counts
+        of ``batch`` are not bound."""
+        from lmech.probes.base import split_batch, subsample
+
+        inputs, _ = split_batch(batch)
+        counts = self.counts(inputs[0].shape[0])
+        if n is None:
+            return batch, self.bound(counts)
+        parts = [local_count(c, counts, r, n) for r, c in enumerate(counts)]
+        return subsample(batch, parts[self.rank]), self.bound(parts)
 
     def gather_rows(self, t: Tensor, counts: list[int], dim: int = 0) -> Tensor:
         """The ranks' ``t`` concatenated along ``dim`` in rank order; rank ``r``'s ``t`` has

@@ -110,17 +110,10 @@ def split_batch(batch) -> tuple[tuple, Any]:
     return inputs, targets
 
 
-def subsample(batch, n: int | None, dist=None) -> tuple:
+def subsample(batch, n: int | None) -> tuple:
     """The first ``n`` examples of ``(inputs, targets)`` (all of them when ``n`` is ``None``).
-
-    With ``dist`` (several processes, ``batch`` this rank's shard): this rank's part of the first
-    ``n`` examples of the global batch (:func:`lmech.core.distributed.local_count`; possibly
-    none). Every rank must call it together."""
+    Several processes: :meth:`lmech.core.distributed.Distributed.first_examples`."""
     inputs, targets = split_batch(batch)
-    if dist is not None and n is not None:
-        from lmech.core.distributed import local_count
-
-        n = local_count(inputs[0].shape[0], dist.counts(inputs[0].shape[0]), dist.rank, n)
     if n is None or n >= inputs[0].shape[0]:
         return batch
     xs = tuple(x[:n] for x in inputs)

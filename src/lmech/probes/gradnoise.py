@@ -472,6 +472,10 @@ class _LinearPass:
                 dot[t] = d_raw.to(torch.float64) @ parts[t].to(torch.float64)
         return dot
 
+    def uncentered(self) -> Tensor:
+        """:math:`\\sum_i g_{ik}^2` over this rank's examples (before :meth:`centered`)."""
+        return self.squares
+
     def centered(self) -> Tensor:
         """Centered sums of squares of this rank's examples, :math:`\\sum_i g_{ik}^2 - S_k^2/n`
         (float64; the products are exact); their column means are ``sums / n``."""
@@ -542,6 +546,13 @@ class _VmapPass:
             out.append(torch.stack([torch.inner(g[name].reshape(c - a, -1), p.to(g[name].dtype))
                                     for name, p in zip(self.names, parts)]))
         return torch.cat(out, 1).to(torch.float64)
+
+    def uncentered(self) -> Tensor:
+        """:math:`\\sum_i g_{ik}^2` over this rank's examples, float64 (several processes: added
+        over ranks before centering about the global mean)."""
+        if self._held is not None:
+            return torch.cat([torch.linalg.vector_norm(r, dim=0).to(torch.float64).square_() for r in self._held])
+        return sum(m2 + m * mean.square() for mean, m2, m in self._moments)
 
     def centered(self) -> Tensor:
         if self._held is not None:
@@ -670,43 +681,60 @@ def grad_noise(
     first = next(iter(fm.params.values()))
 
     # 1. this rank's pass (the same method on every rank: any rank's fallback is everyone's)
+    linear_error = ValueError("method='linear' needs every selected parameter to belong to an nn.Linear called "
+                              "once on (batch, features) inputs and used nowhere else; use method='vmap'")
     local = None
     if method != "vmap" and n > 0:
         local = _LinearPass(fm, loss_fn, inputs, targets, stderr, exact=precision == "float64")
         if not local.ok:
             local = None
     linear = method != "vmap" and (n == 0 or local is not None)
-    if d is not None and method != "vmap":
-        linear = not any(d.counts(int(not linear)))
-    if not linear and method == "linear":
-        raise ValueError("method='linear' needs every selected parameter to belong to an nn.Linear called "
-                         "once on (batch, features) inputs and used nowhere else; use method='vmap'")
-    if not linear:
-        local = _VmapPass(fm, loss_fn, inputs, targets, chunk_size, max_bytes, stderr) if n > 0 else None
-    used = "linear" if linear else "vmap"
+    if method == "vmap" and d is not None and n > 0:
+        local = _VmapPass(fm, loss_fn, inputs, targets, chunk_size, max_bytes, stderr)
+    if d is None and not linear:
+        if method == "linear":
+            raise linear_error
+        local = _VmapPass(fm, loss_fn, inputs, targets, chunk_size, max_bytes, stderr)
+    P = sum(sizes)
 
-    # 2. sums over the global batch: S, then each example's dot with S, then the centered sums
-    # of squares about the global mean, m2 = sum_r [m2_r + n_r (mean_r - mean)^2]
-    if linear and precision == "model":
-        dt = first.dtype
-    S = local.sums if local is not None else torch.zeros(sum(sizes), dtype=dt, device=first.device)
-    if d is not None:
-        S = d.sum(S)
-    dot = sq = None
-    if stderr:
-        dot = local.dots(S) if local is not None else torch.zeros(T, 0, dtype=dt, device=first.device)
-        sq = local.sq if local is not None else torch.zeros(T, 0, dtype=dt, device=first.device)
-    if local is not None:
-        m2 = local.centered()
-        if d is not None:  # about the global mean: + n_r (mean_r - mean)^2
-            shift = local.sums.mul(1.0 / n).sub_(S, alpha=1.0 / b)
-            m2 = m2.addcmul_(shift, shift, value=float(n))
+    # 2. sums over the global batch
+    if d is None:
+        dt = first.dtype if linear and precision == "model" else dt
+        S = local.sums
+        m2 = local.centered() if not stderr else None
+        if stderr:  # (the dots before centering: the vmap path centers its gradients in place)
+            dot, sq = local.dots(S), local.sq
+            m2 = local.centered()
     else:
-        m2 = torch.zeros_like(S)
-    if d is not None:
-        m2 = d.sum(m2)
+        # one all-reduce of (S_r, Q_r = sum_i g_ik^2, fallback flag); m2 = Q - S^2/N in float64
+        def packed(pass_, fallback: bool) -> Tensor:
+            if pass_ is None:  # no examples here, or a failed linear pass (flag)
+                out = torch.zeros(2 * P + 1, dtype=dt, device=first.device)
+                out[-1] = float(fallback)
+                return out
+            return torch.cat([pass_.sums.to(dt), pass_.uncentered().to(dt),
+                              torch.tensor([float(fallback)], dtype=dt, device=first.device)])
+
+        total = d.sum(packed(local, method != "vmap" and not linear))
+        if method != "vmap" and total[-1] > 0:  # some rank's model is not of the outer-product form
+            if method == "linear":
+                raise linear_error
+            linear = False
+            local = _VmapPass(fm, loss_fn, inputs, targets, chunk_size, max_bytes, stderr) if n > 0 else None
+            total = d.sum(packed(local, False))
+        stat = first.dtype if linear and precision == "model" else dt
+        S64, Q64 = total[:P], total[P:2 * P]
+        m2 = Q64.addcmul(S64, S64, value=-1.0 / b).clamp_(min=0.0).to(stat)
+        S = S64.to(stat)
+        dt = stat
         if stderr:
-            sq, dot = d.gather_rows(sq, counts, dim=1), d.gather_rows(dot, counts, dim=1)
+            rows = torch.cat([local.sq, local.dots(S)]) if local is not None else \
+                torch.zeros(2 * T, 0, dtype=torch.float64, device=first.device)
+            rows = d.gather_rows(rows, counts, dim=1)  # (2T, b): |g_i|^2 and g_i . S
+            sq, dot = rows[:T], rows[T:]
+    used = "linear" if linear else "vmap"
+    if not stderr:
+        dot = sq = None
     shapes = {name: fm.shapes[name] for name in names}
     if not summaries:
         return GradNoise(groups={}, total=None, batch_size=b, method=used, flat_sum=S, flat_m2=m2,
@@ -756,9 +784,11 @@ class GradNoiseProbe:
         self.per_layer, self.per_coordinate, self.num_examples = per_layer, per_coordinate, num_examples
 
     def measure(self, state: TrainState) -> dict[str, float | Tensor]:
-        batch = subsample(state.batch, self.num_examples, state.dist)
-        gn = grad_noise(state.model, state.loss_fn, batch, state.params, max_bytes=state.max_bytes,
-                        group=state.dist)
+        if state.dist is None:
+            batch, d = subsample(state.batch, self.num_examples), None
+        else:  # the first examples of the global batch
+            batch, d = state.dist.first_examples(state.batch, self.num_examples)
+        gn = grad_noise(state.model, state.loss_fn, batch, state.params, max_bytes=state.max_bytes, group=d)
         t = gn.total
         out: dict[str, float | Tensor] = {
             "grad_norm": math.sqrt(t.grad_norm_sq), "snr": t.snr, "snr_stderr": t.snr_stderr,

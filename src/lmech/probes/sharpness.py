@@ -628,10 +628,13 @@ class SharpnessProbe:
 
     def _run(self, key, state, preconditioner, params, k=None) -> SharpnessResult:
         v0 = self._v0.get(key) if self.warm_start else None
-        batch = subsample(state.batch, self.num_examples, state.dist)
+        if state.dist is None:
+            batch, d = subsample(state.batch, self.num_examples), None
+        else:  # the first examples of the global batch
+            batch, d = state.dist.first_examples(state.batch, self.num_examples)
         res = sharpness(state.model, state.loss_fn, batch, k or self.k, preconditioner, params,
                         tol=self.tol, max_iter=self.max_iter, v0=v0, seed=self.seed,
-                        max_bytes=state.max_bytes, group=state.dist)
+                        max_bytes=state.max_bytes, group=d)
         if self.warm_start and res.eigenvectors is not None:
             # the sum of the previous Ritz vectors: its Krylov space holds all k of them
             self._v0[key] = res.eigenvectors.sum(1)

@@ -8,7 +8,7 @@ measures at steps 0, 1, 2, ... so warm starts behave the same); printed: the lar
 difference over all metrics (DDP vs one process; float64), the median time of a measurement of
 each arm with its range, and the ratio DDP / one process (target <= 1.2).
 
-    python benchmarks/distributed_overhead.py [--examples 256] [--repeats 7] [--dtype float64]
+    python benchmarks/distributed_overhead.py [--examples 256] [--repeats 7] [--dtype float64] [--cases mlp-economy ...]
 """
 
 from __future__ import annotations
@@ -75,7 +75,16 @@ def worker(rank, tmp, args):
     dist.init_process_group("gloo", init_method=f"file://{tmp}/pg", rank=rank, world_size=2)
     half = args.examples // 2
     rows = []
-    for name, preset in CASES:
+    # the latency of one small collective (what a measurement's dozen all-reduces each cost)
+    flag = torch.zeros(2, dtype=torch.float64)
+    lat = []
+    for _ in range(50):
+        dist.barrier()
+        t0 = time.perf_counter()
+        dist.all_reduce(flag)
+        lat.append(time.perf_counter() - t0)
+    cases = [c for c in CASES if f"{c[0]}-{c[1]}" in args.cases] if args.cases else CASES
+    for name, preset in cases:
         model, loss_fn, (x, y) = make_case(name, args.examples, dtype)
         ref_model, _, _ = make_case(name, args.examples, dtype)
         shard = (x[rank * half:(rank + 1) * half], y[rank * half:(rank + 1) * half])
@@ -105,7 +114,8 @@ def worker(rank, tmp, args):
                          statistics.median(t_ddp), min(t_ddp), max(t_ddp)))
     if rank == 0:
         print(f"{args.examples} examples ({half} per rank), {args.dtype}, {args.repeats} interleaved repeats, "
-              f"one thread per process")
+              f"one thread per process; one 2-element all-reduce: median {statistics.median(lat) * 1e3:.2f} ms "
+              f"(range {min(lat) * 1e3:.2f}-{max(lat) * 1e3:.2f})")
         print(f"{'model':<12} {'preset':<8} {'params':>8} {'max rel diff':>12} {'one process ms':>20} "
               f"{'DDP 2 procs ms':>20} {'DDP / one':>9}")
         for name, preset, params, worst, ms, lo, hi, md, dlo, dhi in rows:
@@ -120,6 +130,7 @@ def main():
     ap.add_argument("--examples", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--dtype", default="float64", choices=["float32", "float64"])
+    ap.add_argument("--cases", nargs="*", help="e.g. mlp-economy conv-economy (default: all)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         mp.start_processes(worker, args=(tmp, args), nprocs=2, start_method="fork")

@@ -65,6 +65,19 @@ Presets (``probes=``):
   density, the NTK on 64 examples with per-layer traces and drift, gradient noise with per-layer
   values, weight spectra with power-law fits and singular values, and representation change.
 
+Several processes (``torch.distributed``; docs/results/distributed.md). Built on every rank of an
+initialized process group (detected, or ``group=``), with the ``DistributedDataParallel`` wrapper
+or its ``.module``, the Monitor treats the ranks' probe batches as one global batch, their
+concatenation in rank order: the loss and gradient noise combine per-rank sums (one all-reduce,
+one all-gather), sharpness, trace and spectral density all-reduce their Hessian-vector products
+(computed on ``.module`` with ``functional_call``: DDP's hooks do not support double backward),
+subsamples ("the first 32 examples") are taken from the global batch, and probes that do not
+combine shards themselves (NTK, representations, ``GramianProbe``, user probes without
+``shards = True``) run on the global batch gathered once. Every rank returns the same metrics
+(timings are rank 0's); only rank 0 writes to the sinks; a probe that fails on one rank raises on
+every rank (``CollectiveError`` on the others, within about ``timeout_s``). Under FSDP2
+(``fully_shard``) only :class:`LossProbe` runs; other probes are refused at construction.
+
 Metric names are ``"<probe>/<metric>"`` (e.g. ``"sharpness/lambda_1"``,
 ``"gradnoise/snr/layers.0"``), plus ``"<probe>/seconds"``, the wall time of that probe.
 """

@@ -151,6 +151,24 @@ class Distributed:
         parts = [local_count(c, counts, r, n) for r, c in enumerate(counts)]
         return subsample(batch, parts[self.rank]), self.bound(parts)
 
+    def sole_holder(self) -> int | None:
+        """The one rank that holds every example of the bound batch, or ``None`` (several do,
+        or the counts are not bound)."""
+        if self.known is None:
+            return None
+        holders = [r for r, c in enumerate(self.known) if c > 0]
+        return holders[0] if len(holders) == 1 else None
+
+    def on_rank(self, rank: int, fn):
+        """``fn()`` computed on ``rank`` alone and its (picklable) result sent to every rank: when
+        one rank holds all the examples a probe uses (the economy preset's "first 32 examples"
+        on shards of 128), one small broadcast replaces the all-reduces of parameter-sized
+        vectors that the other ranks would only add zeros to."""
+        box = [fn() if self.rank == rank else None]
+        self._guard(lambda: _dist().broadcast_object_list(box, src=self._global(rank), group=self.group),
+                    "broadcast")
+        return box[0]
+
     def gather_rows(self, t: Tensor, counts: list[int], dim: int = 0) -> Tensor:
         """The ranks' ``t`` concatenated along ``dim`` in rank order; rank ``r``'s ``t`` has
         ``counts[r]`` entries along ``dim`` (padded to the largest for the all-gather)."""

@@ -85,6 +85,7 @@ copy of the :math:`b \times P` matrix), and are combined in float64.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -788,6 +789,9 @@ class GradNoiseProbe:
             batch, d = subsample(state.batch, self.num_examples), None
         else:  # the first examples of the global batch
             batch, d = state.dist.first_examples(state.batch, self.num_examples)
+            holder = d.sole_holder()
+            if holder is not None:  # all on one rank: computed there, the metrics sent to all
+                return d.on_rank(holder, lambda: self.measure(dataclasses.replace(state, dist=None)))
         gn = grad_noise(state.model, state.loss_fn, batch, state.params, max_bytes=state.max_bytes, group=d)
         t = gn.total
         out: dict[str, float | Tensor] = {

@@ -40,6 +40,7 @@ processed in chunks (``batch_size``) when the loss is a mean over examples.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -641,6 +642,10 @@ class SharpnessProbe:
         return res
 
     def measure(self, state: TrainState) -> dict[str, float | Tensor]:
+        if state.dist is not None:
+            holder = state.dist.first_examples(state.batch, self.num_examples)[1].sole_holder()
+            if holder is not None:  # all on one rank: computed there (warm starts kept there too)
+                return state.dist.on_rank(holder, lambda: self.measure(dataclasses.replace(state, dist=None)))
         out: dict[str, float | Tensor] = {}
         res = self._run("global", state, None, state.params)
         for i, ev in enumerate(res.eigenvalues.tolist()):

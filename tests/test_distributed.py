@@ -188,16 +188,33 @@ def _failure_worker(rank, tmp, timeout_s):
             raise ValueError("rank 1's loss is broken")
         return loss_fn(out, y)
 
+    class FailsOnRank1:  # no collectives: the ranks learn of it at the status exchange
+        name, cost = "fragile", "low"
+
+        def measure(self, state):
+            if rank == 1:
+                raise RuntimeError("fragile probe broke")
+            return {"x": 1.0}
+
+    warned = Monitor(model, loss_fn, shard(batch, rank), probes=[LossProbe(), FailsOnRank1(), GradNoiseProbe()],
+                     timeout_s=timeout_s, on_error="warn")
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kept = sorted(warned.measure(0))
+    warn_result = {"kept": kept, "warned": any("fragile" in str(w.message) for w in caught)}
+
     mon = Monitor(model, failing_loss, shard(batch, rank), probes=[GradNoiseProbe(), LossProbe()],
                   timeout_s=timeout_s)
     t0 = time.monotonic()
     try:
         mon.measure(0)
     except CollectiveError as e:
-        return {"error": "CollectiveError", "message": str(e), "seconds": time.monotonic() - t0}
+        return {"error": "CollectiveError", "message": str(e), "seconds": time.monotonic() - t0, **warn_result}
     except ValueError as e:
-        return {"error": "ValueError", "message": str(e), "seconds": time.monotonic() - t0}
-    return {"error": None, "seconds": time.monotonic() - t0}
+        return {"error": "ValueError", "message": str(e), "seconds": time.monotonic() - t0, **warn_result}
+    return {"error": None, "seconds": time.monotonic() - t0, **warn_result}
 
 
 POPRISK_STEPS = 4
@@ -297,6 +314,9 @@ def test_a_failing_rank_makes_every_rank_raise(tmp_path):
     assert r1["error"] == "ValueError" and "rank 1's loss is broken" in r1["message"]
     assert r0["error"] == "CollectiveError" and "rank" in r0["message"]
     assert r0["seconds"] < 3 * timeout_s + 2 and r1["seconds"] < 3 * timeout_s + 2
+    # on_error="warn": every rank warns and keeps the probes before the failed one, the same keys
+    for r in (r0, r1):
+        assert r["warned"] and r["kept"] == ["probe/accuracy", "probe/loss", "probe/seconds"]
     assert time.monotonic() - t0 < 60
 
 

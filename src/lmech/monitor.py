@@ -408,22 +408,21 @@ class Monitor:
                            self.params, self.max_bytes, dist=self.dist)
         metrics: dict[str, float | Tensor] = {}
         seconds: list[float] = []
+        failure: tuple[int, Exception] | None = None  # several processes: (probe index, error)
         try:
             with blas_threads():
-                for probe in self.probes:
+                for index, probe in enumerate(self.probes):
                     t0 = time.perf_counter()
-                    error = None
                     try:
                         values = probe.measure(self._state_for(probe, state))
                     except Exception as e:
-                        error = e
-                    if self.dist is not None:
-                        error = self._agree(probe, error)
-                    if error is not None:
+                        if self.dist is not None:  # stop here; the ranks agree after the loop
+                            failure = (index, e)
+                            break
                         if self.on_error == "raise":
-                            raise error
-                        warnings.warn(f"probe {probe.name!r} failed at step {step}: {type(error).__name__}: "
-                                      f"{error}", stacklevel=2)
+                            raise
+                        warnings.warn(f"probe {probe.name!r} failed at step {step}: {type(e).__name__}: {e}",
+                                      stacklevel=2)
                         continue
                     for key, value in values.items():
                         metrics[f"{probe.name}/{key}"] = value
@@ -433,9 +432,8 @@ class Monitor:
             for m, was_training in modes:
                 m.training = was_training
             rng.restore()
-        if self.dist is not None and seconds:  # rank 0's timings, so that every rank returns the same
-            rank0 = self.dist.broadcast_status(torch.tensor([metrics[k] for k in seconds], dtype=torch.float64))
-            metrics.update(zip(seconds, rank0.tolist()))
+        if self.dist is not None:
+            metrics = self._agree(step, metrics, seconds, failure)
         if self._writes:
             for sink in self.sinks:
                 sink.write(int(step), metrics)
@@ -454,23 +452,46 @@ class Monitor:
         return TrainState(state.model, state.loss_fn, self._global_batch, state.step, state.optimizer,
                           state.params, state.max_bytes, state.cache, dist=None)
 
-    def _agree(self, probe, error: Exception | None) -> Exception | None:
-        """After each probe the ranks exchange whether it failed (status group, with the
-        timeout), so that all of them raise (or, with ``on_error="warn"``, skip it) together."""
+    def _agree(self, step: int, metrics: dict, seconds: list[str], failure) -> dict:
+        r"""Several processes: one exchange per measurement on the status group (with the
+        timeout): which probe failed first on each rank, and rank 0's timings (so that every rank
+        returns the same metrics). A rank whose probe fails stops measuring and comes here; a rank
+        that goes on and waits in a collective of the failed probe times out
+        (:class:`CollectiveError`) and comes here too. Then every rank raises: its own error, or
+        a :class:`CollectiveError` naming the first failed rank and its message; with
+        ``on_error="warn"`` every rank warns and keeps only the probes before the failed one."""
+        world, rank = self.dist.world_size, self.dist.rank
         try:
-            failed = self.dist.any_failed(error is not None)
+            if failure is None:
+                # every rank ran every probe: rank 0's timings travel in the same all-reduce
+                packet = torch.zeros(world + len(self.probes), dtype=torch.float64)
+                if rank == 0:
+                    packet[world:] = torch.tensor([metrics[k] for k in seconds], dtype=torch.float64)
+            else:
+                packet = torch.zeros(world + len(self.probes), dtype=torch.float64)
+                packet[rank] = failure[0] + 1
+            total = self.dist.sum_status(packet)
         except CollectiveError as e:
-            return error if error is not None else e
-        if not failed:
-            return None
+            raise (failure[1] if failure is not None else e)
+        failed_at = [int(v) - 1 for v in total[:world].tolist()]
+        if all(i < 0 for i in failed_at):
+            metrics.update(zip(seconds, total[world:].tolist()))
+            return metrics
         try:
-            messages = self.dist.gather_messages("" if error is None else f"{type(error).__name__}: {error}")
+            messages = self.dist.gather_messages("" if failure is None else f"{type(failure[1]).__name__}: {failure[1]}")
         except CollectiveError as e:
-            return error if error is not None else e
-        if error is not None:
-            return error
-        first = failed[0]
-        return CollectiveError(f"probe {probe.name!r} failed on rank {first}: {messages[first]}")
+            messages = [str(e)] * world
+        first = min(i for i in failed_at if i >= 0)
+        culprit = failed_at.index(first)
+        name = self.probes[first].name
+        error = failure[1] if failure is not None else CollectiveError(
+            f"probe {name!r} failed on rank {culprit}: {messages[culprit]}")
+        if self.on_error == "raise":
+            raise error
+        warnings.warn(f"probe {name!r} failed at step {step} on rank {culprit}: {messages[culprit]}; "
+                      f"the probes from it on were skipped on every rank", stacklevel=3)
+        keep = {p.name for p in self.probes[:first]}
+        return {k: v for k, v in metrics.items() if k.split("/", 1)[0] in keep}
 
     def close(self) -> None:
         """Flush and close every sink (rank 0's only, under several processes)."""

@@ -201,6 +201,12 @@ class Distributed:
         self._guard(lambda: _dist().all_reduce(flags, group=self.status_group), "status exchange")
         return [r for r, f in enumerate(flags.tolist()) if f]
 
+    def sum_status(self, t: Tensor) -> Tensor:
+        """The sum over ranks of the CPU tensor ``t``, over the status group."""
+        out = t.detach().clone().contiguous()
+        self._guard(lambda: _dist().all_reduce(out, group=self.status_group), "status exchange")
+        return out
+
     def broadcast_status(self, t: Tensor) -> Tensor:
         """Rank 0's CPU tensor ``t`` on every rank, over the status group (e.g. timings)."""
         out = t.detach().clone().contiguous()

@@ -194,24 +194,10 @@ class Distributed:
         ys = self.gather_rows(targets, counts) if isinstance(targets, Tensor) else targets
         return (xs if len(xs) > 1 else xs[0], ys)
 
-    def any_failed(self, failed: bool) -> list[int]:
-        """Ranks that report ``failed`` (status group; every rank calls it after each probe)."""
-        flags = torch.zeros(self.world_size, dtype=torch.int64)
-        flags[self.rank] = int(failed)
-        self._guard(lambda: _dist().all_reduce(flags, group=self.status_group), "status exchange")
-        return [r for r, f in enumerate(flags.tolist()) if f]
-
     def sum_status(self, t: Tensor) -> Tensor:
         """The sum over ranks of the CPU tensor ``t``, over the status group."""
         out = t.detach().clone().contiguous()
         self._guard(lambda: _dist().all_reduce(out, group=self.status_group), "status exchange")
-        return out
-
-    def broadcast_status(self, t: Tensor) -> Tensor:
-        """Rank 0's CPU tensor ``t`` on every rank, over the status group (e.g. timings)."""
-        out = t.detach().clone().contiguous()
-        self._guard(lambda: _dist().broadcast(out, src=_dist().get_global_rank(self.status_group, 0),
-                                              group=self.status_group), "status exchange")
         return out
 
     def gather_messages(self, message: str) -> list[str]:

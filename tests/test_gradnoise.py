@@ -363,3 +363,54 @@ def test_losses_that_are_not_a_plain_mean_of_examples_use_vmap():
                         for i in range(4)])
     torch.testing.assert_close(e, ones)
     assert (e[2] == 0).all() and (e[[0, 1, 3]] != 0).all()  # b x the batch gradient would be 4/3 too large
+
+
+# --------------------------------------------------------------------------------------------
+# what is asked only (stderr=, summaries=, precision=) and train-mode BatchNorm (issue 18)
+# --------------------------------------------------------------------------------------------
+
+
+@METHODS
+def test_skipping_stderr_and_summaries_keeps_the_rest(method):
+    model, x, y = case()
+    full = grad_noise(model, F.cross_entropy, (x, y), method=method)
+    lean = grad_noise(model, F.cross_entropy, (x, y), method=method, stderr=False)
+    coords = grad_noise(model, F.cross_entropy, (x, y), method=method, stderr=False, summaries=False)
+    assert coords.total is None and coords.groups == {}
+    for name in full.mean:
+        torch.testing.assert_close(coords.mean[name], full.mean[name], rtol=1e-12, atol=0)
+        torch.testing.assert_close(coords.variance[name], full.variance[name], rtol=1e-12, atol=0)
+        torch.testing.assert_close(coords.snr[name], full.snr[name], rtol=1e-12, atol=0, equal_nan=True)
+    assert math.isnan(lean.total.snr_stderr) and math.isnan(lean.total.noise_scale_stderr)
+    for field in ("grad_norm_sq", "trace_cov", "snr", "mean_gsnr", "gate_fraction", "noise_scale", "signal"):
+        assert getattr(lean.total, field) == pytest.approx(getattr(full.total, field), rel=1e-12), field
+
+
+def test_precision_model_matches_float64_brute_force_on_a_float32_mlp():
+    """``precision="model"`` (float32 statistics, BackPACK's arithmetic) against the float64
+    per-example gradient matrix of the same float32 model: the per-coordinate error stays at
+    float32 rounding where the per-example SNR is small."""
+    model, x, y = case()
+    m32 = model.float()
+    gn = grad_noise(m32, F.cross_entropy, (x.float(), y), method="linear", precision="model")
+    assert gn.flat_m2.dtype == torch.float32
+    G = flat_grads(m32, x.float(), y).to(DT)
+    flat = lambda d: torch.cat([t.reshape(-1) for t in d.values()]).to(DT)  # noqa: E731
+    torch.testing.assert_close(flat(gn.mean), G.mean(0), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(flat(gn.variance), G.var(0, unbiased=True), rtol=1e-3, atol=1e-7)
+    m, tr = G.mean(0), G.var(0, unbiased=True).sum()
+    assert gn.total.snr == pytest.approx(float((m @ m) / (tr / G.shape[0])), rel=1e-4)
+    with pytest.raises(ValueError, match="precision"):
+        grad_noise(m32, F.cross_entropy, (x.float(), y), precision="half")
+
+
+@pytest.mark.parametrize("bn", [nn.BatchNorm1d, nn.SyncBatchNorm])
+def test_train_mode_batchnorm_is_refused_with_a_message(bn):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), bn(6), nn.Tanh(), nn.Linear(6, 3)).train()
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    with pytest.raises(ValueError, match=r"training mode.*model\.eval\(\)") as info:
+        grad_noise(model, F.cross_entropy, (x, y))
+    assert "\n" not in str(info.value) and "'1'" not in str(info.value) and "1 is a" in str(info.value)
+    gn = grad_noise(model.eval(), F.cross_entropy, (x, y))  # eval mode: running statistics, exact
+    assert math.isfinite(gn.total.snr)

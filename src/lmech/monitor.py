@@ -65,6 +65,19 @@ Presets (``probes=``):
   density, the NTK on 64 examples with per-layer traces and drift, gradient noise with per-layer
   values, weight spectra with power-law fits and singular values, and representation change.
 
+Several processes (``torch.distributed``; docs/results/distributed.md). Built on every rank of an
+initialized process group (detected, or ``group=``), with the ``DistributedDataParallel`` wrapper
+or its ``.module``, the Monitor treats the ranks' probe batches as one global batch, their
+concatenation in rank order: the loss and gradient noise combine per-rank sums (one all-reduce,
+one all-gather), sharpness, trace and spectral density all-reduce their Hessian-vector products
+(computed on ``.module`` with ``functional_call``: DDP's hooks do not support double backward),
+subsamples ("the first 32 examples") are taken from the global batch, and probes that do not
+combine shards themselves (NTK, representations, ``GramianProbe``, user probes without
+``shards = True``) run on the global batch gathered once. Every rank returns the same metrics
+(timings are rank 0's); only rank 0 writes to the sinks; a probe that fails on one rank raises on
+every rank (``CollectiveError`` on the others, within about ``timeout_s``). Under FSDP2
+(``fully_shard``) only :class:`LossProbe` runs; other probes are refused at construction.
+
 Metric names are ``"<probe>/<metric>"`` (e.g. ``"sharpness/lambda_1"``,
 ``"gradnoise/snr/layers.0"``), plus ``"<probe>/seconds"``, the wall time of that probe.
 """
@@ -81,6 +94,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lmech.core.distributed import DEFAULT_TIMEOUT_S, CollectiveError, is_fsdp, resolve, unwrap
 from lmech.core.functional import ParamSelector
 from lmech.core.threads import blas_threads
 from lmech.probes.base import Cost, Probe, TrainState, split_batch
@@ -100,20 +114,39 @@ PRESETS = ("economy", "full")
 
 
 class LossProbe:
-    """Monitor probe: ``loss`` of the model on the probe batch (and ``accuracy`` for integer
-    targets with outputs ``(n, classes)``), in eval mode."""
+    r"""Monitor probe: ``loss`` of the model on the probe batch (and ``accuracy`` for integer
+    targets with outputs ``(n, classes)``), in eval mode.
+
+    Several processes: the global-batch values, :math:`\sum_r n_r L_r / N` (``loss_fn`` a mean
+    over examples) and the fraction of correct predictions over all :math:`N` examples, from one
+    all-reduce of each rank's weighted sums."""
 
     name = "probe"
     cost: Cost = "low"
+    shards = True
 
     def measure(self, state: TrainState) -> dict[str, float | Tensor]:
         inputs, targets = split_batch(state.batch)
+        n = inputs[0].shape[0]
         with torch.no_grad():
             out = state.model(*inputs)
-            metrics = {"loss": float(state.loss_fn(out, targets))}
-            if (isinstance(targets, Tensor) and not targets.is_floating_point()
-                    and isinstance(out, Tensor) and out.dim() == targets.dim() + 1):
-                metrics["accuracy"] = float((out.argmax(-1) == targets).double().mean())
+            loss = state.loss_fn(out, targets).detach().to(torch.float64)
+            has_accuracy = (isinstance(targets, Tensor) and not targets.is_floating_point()
+                            and isinstance(out, Tensor) and out.dim() == targets.dim() + 1)
+            correct = (out.argmax(-1) == targets).double().sum() if has_accuracy else torch.zeros((), dtype=torch.float64)
+        if state.dist is None:
+            metrics = {"loss": float(loss)}
+            if has_accuracy:
+                metrics["accuracy"] = float(correct / targets.numel())
+            return metrics
+        d = state.dist
+        count = targets.numel() if isinstance(targets, Tensor) else n
+        parts = torch.stack([loss * n if n else loss.new_zeros(()), correct.cpu().to(torch.float64),
+                             torch.tensor(float(n), dtype=torch.float64), torch.tensor(float(count), dtype=torch.float64)])
+        total_loss, total_correct, total_n, total_count = d.sum(parts.cpu()).tolist()
+        metrics = {"loss": total_loss / total_n}
+        if has_accuracy:
+            metrics["accuracy"] = total_correct / total_count
         return metrics
 
 
@@ -285,6 +318,15 @@ class Monitor:
         params: parameter selector for the probes' global metrics (default: all trainable).
         on_error: ``"raise"`` (default) or ``"warn"``: a failing probe is skipped for that
             measurement with a one-line warning.
+        group: several processes. ``"auto"`` (default): when ``torch.distributed`` is
+            initialized with more than one rank, every rank's ``probe_batch`` is its shard of one
+            global probe batch (the shards concatenated in rank order) and every metric is that
+            of the global batch (section "Several processes" of the module docstring); ``None``:
+            each process measures its own batch alone; or a ``ProcessGroup``. All ranks must
+            build the Monitor and call :meth:`step` with the same steps.
+        timeout_s: collective timeout of a distributed measurement: a rank that fails (or
+            stops) makes the others raise :class:`lmech.core.distributed.CollectiveError`
+            within about this time instead of waiting forever.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -309,9 +351,12 @@ class Monitor:
         *,
         params: ParamSelector = None,
         on_error: Literal["raise", "warn"] = "raise",
+        group="auto",
+        timeout_s: float = DEFAULT_TIMEOUT_S,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor needs an nn.Module, got {type(model).__name__}")
+        model = unwrap(model)  # DDP: probes run on .module (no double backward through DDP's hooks)
         split_batch(probe_batch)  # validates the shape of the batch now, not at step 100
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
@@ -326,10 +371,21 @@ class Monitor:
         names = [p.name for p in self.probes]
         if len(set(names)) != len(names):
             raise ValueError(f"two probes share a name in {names}; give them distinct names")
+        if is_fsdp(model):
+            for p in self.probes:
+                if not isinstance(p, LossProbe):
+                    raise ValueError(
+                        f"probe {p.name!r} does not run under FSDP2 (fully_shard): its parameters are sharded "
+                        "DTensors and its per-example gradients or Hessian products do not go through FSDP's "
+                        "hooks; measure under DistributedDataParallel, or use probes=[LossProbe()] here")
+        self.dist = resolve(group, timeout_s)
+        self._global_batch = None
         self.model, self.loss_fn, self.probe_batch = model, loss_fn, probe_batch
         self.every, self.params, self.on_error = every, params, on_error
         self.max_bytes = None if budget_mb is None else int(budget_mb * 2**20)
         self.sinks: list[Sink] = [ListSink()] if sinks is None else [_as_sink(s) for s in sinks]
+        # several processes: only rank 0 writes (every rank returns the same metrics)
+        self._writes = self.dist is None or self.dist.rank == 0
         self.history: ListSink | None = next((s for s in self.sinks if isinstance(s, ListSink)), None)
         self.last: dict[str, float | Tensor] | None = None
         self.seconds = 0.0
@@ -346,16 +402,23 @@ class Monitor:
         rng = _Saved.capture()
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
+        if self.dist is not None and self.dist.known is None:  # the probe batch's shard sizes, once
+            self.dist = self.dist.bound(self.dist.counts(split_batch(self.probe_batch)[0][0].shape[0]))
         state = TrainState(self.model, self.loss_fn, self.probe_batch, int(step), optimizer,
-                           self.params, self.max_bytes)
+                           self.params, self.max_bytes, dist=self.dist)
         metrics: dict[str, float | Tensor] = {}
+        seconds: list[float] = []
+        failure: tuple[int, Exception] | None = None  # several processes: (probe index, error)
         try:
             with blas_threads():
-                for probe in self.probes:
+                for index, probe in enumerate(self.probes):
                     t0 = time.perf_counter()
                     try:
-                        values = probe.measure(state)
+                        values = probe.measure(self._state_for(probe, state))
                     except Exception as e:
+                        if self.dist is not None:  # stop here; the ranks agree after the loop
+                            failure = (index, e)
+                            break
                         if self.on_error == "raise":
                             raise
                         warnings.warn(f"probe {probe.name!r} failed at step {step}: {type(e).__name__}: {e}",
@@ -364,18 +427,76 @@ class Monitor:
                     for key, value in values.items():
                         metrics[f"{probe.name}/{key}"] = value
                     metrics[f"{probe.name}/seconds"] = time.perf_counter() - t0
+                    seconds.append(f"{probe.name}/seconds")
         finally:
             for m, was_training in modes:
                 m.training = was_training
             rng.restore()
-        for sink in self.sinks:
-            sink.write(int(step), metrics)
+        if self.dist is not None:
+            metrics = self._agree(step, metrics, seconds, failure)
+        if self._writes:
+            for sink in self.sinks:
+                sink.write(int(step), metrics)
         self.last = metrics
         self.seconds += time.perf_counter() - start
         return metrics
 
+    def _state_for(self, probe, state: TrainState) -> TrainState:
+        """Several processes: a probe that combines the ranks' parts itself (``shards = True``)
+        sees this rank's shard; any other probe sees the global batch, gathered once (the probe
+        batch is fixed), and computes the same values on every rank."""
+        if self.dist is None or getattr(probe, "shards", False):
+            return state
+        if self._global_batch is None:
+            self._global_batch = self.dist.gather_batch(self.probe_batch)
+        return TrainState(state.model, state.loss_fn, self._global_batch, state.step, state.optimizer,
+                          state.params, state.max_bytes, state.cache, dist=None)
+
+    def _agree(self, step: int, metrics: dict, seconds: list[str], failure) -> dict:
+        r"""Several processes: one exchange per measurement on the status group (with the
+        timeout): which probe failed first on each rank, and rank 0's timings (so that every rank
+        returns the same metrics). A rank whose probe fails stops measuring and comes here; a rank
+        that goes on and waits in a collective of the failed probe times out
+        (:class:`CollectiveError`) and comes here too. Then every rank raises: its own error, or
+        a :class:`CollectiveError` naming the first failed rank and its message; with
+        ``on_error="warn"`` every rank warns and keeps only the probes before the failed one."""
+        world, rank = self.dist.world_size, self.dist.rank
+        try:
+            if failure is None:
+                # every rank ran every probe: rank 0's timings travel in the same all-reduce
+                packet = torch.zeros(world + len(self.probes), dtype=torch.float64)
+                if rank == 0:
+                    packet[world:] = torch.tensor([metrics[k] for k in seconds], dtype=torch.float64)
+            else:
+                packet = torch.zeros(world + len(self.probes), dtype=torch.float64)
+                packet[rank] = failure[0] + 1
+            total = self.dist.sum_status(packet)
+        except CollectiveError as e:
+            raise (failure[1] if failure is not None else e)
+        failed_at = [int(v) - 1 for v in total[:world].tolist()]
+        if all(i < 0 for i in failed_at):
+            metrics.update(zip(seconds, total[world:].tolist()))
+            return metrics
+        try:
+            messages = self.dist.gather_messages("" if failure is None else f"{type(failure[1]).__name__}: {failure[1]}")
+        except CollectiveError as e:
+            messages = [str(e)] * world
+        first = min(i for i in failed_at if i >= 0)
+        culprit = failed_at.index(first)
+        name = self.probes[first].name
+        error = failure[1] if failure is not None else CollectiveError(
+            f"probe {name!r} failed on rank {culprit}: {messages[culprit]}")
+        if self.on_error == "raise":
+            raise error
+        warnings.warn(f"probe {name!r} failed at step {step} on rank {culprit}: {messages[culprit]}; "
+                      f"the probes from it on were skipped on every rank", stacklevel=3)
+        keep = {p.name for p in self.probes[:first]}
+        return {k: v for k, v in metrics.items() if k.split("/", 1)[0] in keep}
+
     def close(self) -> None:
-        """Flush and close every sink."""
+        """Flush and close every sink (rank 0's only, under several processes)."""
+        if not self._writes:
+            return
         for sink in self.sinks:
             sink.close()
 

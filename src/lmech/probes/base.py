@@ -44,6 +44,10 @@ class TrainState:
         params: parameter selector (see :data:`lmech.core.ParamSelector`) for the global metrics.
         max_bytes: memory budget for any one allocation a probe makes.
         cache: shared between the probes of one measurement (e.g. per-example gradients).
+        dist: several processes (:class:`lmech.core.distributed.Distributed`): ``batch`` is this
+            rank's shard of the global probe batch, for a probe that combines the ranks' parts
+            itself (``shards = True`` on the probe class); ``None`` otherwise (the Monitor gives
+            every other probe the gathered global batch).
     """
 
     model: nn.Module
@@ -54,6 +58,7 @@ class TrainState:
     params: ParamSelector = None
     max_bytes: int | None = DEFAULT_MAX_BYTES
     cache: dict[str, Any] = field(default_factory=dict)
+    dist: Any = None
 
 
 @runtime_checkable
@@ -106,7 +111,8 @@ def split_batch(batch) -> tuple[tuple, Any]:
 
 
 def subsample(batch, n: int | None) -> tuple:
-    """The first ``n`` examples of ``(inputs, targets)`` (all of them when ``n`` is ``None``)."""
+    """The first ``n`` examples of ``(inputs, targets)`` (all of them when ``n`` is ``None``).
+    Several processes: :meth:`lmech.core.distributed.Distributed.first_examples`."""
     inputs, targets = split_batch(batch)
     if n is None or n >= inputs[0].shape[0]:
         return batch

@@ -336,7 +336,8 @@ def layer_features(model: nn.Module, inputs, layers: list[str] | None = None) ->
     ``layers`` defaults to every module that directly owns parameters (``nn.Linear``,
     ``nn.Conv*``, ``nn.Embedding``, norms, ...), in model order. Forward hooks are registered for
     one forward pass (under ``torch.no_grad``, model run as is) and removed. A module that returns
-    a tuple contributes its first tensor.
+    a tuple contributes its first tensor. By default, a module whose output is not per example
+    (first dim not the batch size, e.g. a positional embedding's ``(T, d)`` table) is left out.
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
@@ -344,6 +345,7 @@ def layer_features(model: nn.Module, inputs, layers: list[str] | None = None) ->
         {'0': (5, 4), '2': (5, 2)}
     """
     modules = dict(model.named_modules())
+    per_example_only = layers is None
     if layers is None:
         layers = [n for n, m in modules.items() if n and any(True for _ in m.parameters(recurse=False))]
     unknown = [n for n in layers if n not in modules]
@@ -365,7 +367,9 @@ def layer_features(model: nn.Module, inputs, layers: list[str] | None = None) ->
     finally:
         for h in handles:
             h.remove()
-    return {n: feats[n] for n in layers if n in feats}
+    n = xs[0].shape[0]
+    return {name: feats[name] for name in layers
+            if name in feats and not (per_example_only and feats[name].shape[0] != n)}
 
 
 class RepresentationProbe:

@@ -40,6 +40,7 @@ processed in chunks (``batch_size``) when the loss is a mean over examples.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -202,6 +203,14 @@ class HessianOperator:
       (``jvp(grad(L_c))``), no graph kept, activation memory of one chunk, and
       :math:`H v = \sum_c \frac{n_c}{n} H_c v`, which equals the full-batch product when
       ``loss_fn`` is a mean over examples (the usual case; don't chunk a ``sum`` loss).
+    * several processes (``group=``, :mod:`lmech.core.distributed`): ``batch`` is this rank's
+      shard of :math:`n_r` examples and the operator is the Hessian of the global mean loss
+      :math:`L = \sum_r \frac{n_r}{N} L_r` (``loss_fn`` a mean over examples): each rank computes
+      its weighted product on its own module (a ``DistributedDataParallel`` wrapper is unwrapped:
+      DDP's gradient hooks do not support double backward, so products go through ``.module``
+      with ``functional_call``) and an all-reduce adds them, so every rank holds the same
+      product, and Lanczos, Hutchinson and SLQ, started from the same vectors, run identically
+      on every rank. All ranks must build the operator and call :meth:`matvec` together.
 
     Attributes:
         dim: number of selected scalars.
@@ -226,8 +235,19 @@ class HessianOperator:
         params: ParamSelector = None,
         preconditioner=None,
         batch_size: int | None = None,
+        group=None,
     ):
+        from lmech.core.distributed import Distributed, resolve, unwrap
+
         inputs, targets = split_batch(batch)
+        model = model if isinstance(model, FunctionalModel) else unwrap(model)
+        self.dist = group if isinstance(group, Distributed) or group is None else resolve(group)
+        n = inputs[0].shape[0]
+        # several processes: this rank's share of the global mean loss, L = sum_r (n_r/N) L_r
+        self._weight = 1.0
+        if self.dist is not None:
+            counts = self.dist.counts(n)
+            self._weight = n / sum(counts)
         if isinstance(model, FunctionalModel):
             if params is not None:
                 raise ValueError("pass `params` only with an nn.Module; a FunctionalModel has its own")
@@ -241,8 +261,9 @@ class HessianOperator:
         first = next(iter(fm.params.values()))
         self.dtype, self.device = first.dtype, first.device
         self.scale, self.threshold = _resolve_preconditioner(preconditioner, model, fm)
-        n = inputs[0].shape[0]
-        if batch_size is None or batch_size >= n:
+        if n == 0:  # a rank without examples in the global batch: products are zero here
+            self._chunks = []
+        elif batch_size is None or batch_size >= n:
             self._chunks = [(inputs, targets, 1.0)]
         else:
             if batch_size < 1:
@@ -267,6 +288,8 @@ class HessianOperator:
 
     def _hvp(self, v: dict[str, Tensor]) -> dict[str, Tensor]:
         fm, loss_fn = self.fm, self.loss_fn
+        if not self._chunks:
+            return {n: torch.zeros_like(t) for n, t in v.items()}
         if self._grads is not None:
             vs = list(v.values())
             if not self._live:
@@ -303,14 +326,24 @@ class HessianOperator:
                     _, gc = loss_and_grad(self.fm, self.loss_fn, xs, ys)
                 gc = flatten(gc) * weight
                 g = gc if g is None else g + gc
+            if g is None:
+                g = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        g = self._combine(g)
         return g if self.scale is None else g * self.scale
+
+    def _combine(self, local: Tensor) -> Tensor:
+        r"""Several processes: the global-batch value, :math:`\sum_r \frac{n_r}{N}` (rank
+        :math:`r`'s value), all-reduced (the same on every rank); one process: ``local``."""
+        if self.dist is None:
+            return local
+        return self.dist.sum(local * self._weight)
 
     def matvec(self, v: Tensor) -> Tensor:
         """:math:`D H D v` for a flat vector ``v`` of length :attr:`dim`."""
         v = v.reshape(-1).to(dtype=self.dtype, device=self.device)
         if self.scale is not None:
             v = v * self.scale
-        hv = flatten(self._hvp(unflatten(v, self.fm.params)))
+        hv = self._combine(flatten(self._hvp(unflatten(v, self.fm.params))))
         if self.scale is not None:
             hv = hv * self.scale
         self.num_matvecs += 1
@@ -377,6 +410,7 @@ def sharpness(
     batch_size: int | None = None,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
+    group=None,
 ) -> SharpnessResult:
     r"""Top-``k`` eigenvalues of the loss Hessian on ``batch``, by Lanczos on HVPs.
 
@@ -413,6 +447,8 @@ def sharpness(
         max_bytes: budget for the Lanczos basis.
         callback: ``(hvps, ritz_values, residuals)`` after every HVP (see
             :func:`lmech.core.lanczos`).
+        group: several processes (:class:`HessianOperator`): ``batch`` is this rank's shard;
+            the start vector is rank 0's (broadcast), so every rank runs the same iteration.
 
     Returns:
         :class:`SharpnessResult`.
@@ -428,11 +464,13 @@ def sharpness(
         >>> torch.allclose(res.eigenvalues, exact)
         True
     """
-    op = HessianOperator(model, loss_fn, batch, params, preconditioner, batch_size)
     if start not in ("gradient", "random"):
         raise ValueError(f"start must be 'gradient' or 'random', got {start!r}")
+    op = HessianOperator(model, loss_fn, batch, params, preconditioner, batch_size, group)
     if v0 is None and start == "gradient":
         v0 = _gradient_start(op, seed)
+    if op.dist is not None and v0 is not None:
+        v0 = op.dist.broadcast(v0.reshape(-1).to(op.dtype))
     res: EigenResult = lanczos(
         op.matvec, op.dim, k, which="LA", tol=tol, max_iter=max_iter, v0=v0, seed=seed,
         dtype=op.dtype, device=op.device, max_bytes=max_bytes, callback=callback,
@@ -500,6 +538,7 @@ def hessian_trace(
     seed: int = 0,
     batch_size: int | None = None,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
+    group=None,
 ) -> TraceEstimate:
     r""":math:`\operatorname{tr} H` (or :math:`\operatorname{tr} P^{-1}H`) by Hutch++ (default) or
     Hutchinson with ``num_matvecs`` HVPs; returns a :class:`lmech.core.TraceEstimate` with a
@@ -513,8 +552,11 @@ def hessian_trace(
         >>> est = hessian_trace(net, mse, (x, torch.zeros(50, 1, dtype=torch.float64)), num_matvecs=12)
         >>> abs(est.value - float((x ** 2).sum() / 50)) < 1e-8   # d = 4 <= 12/3: exact
         True
+
+    ``group=``: several processes (:class:`HessianOperator`); the random probe vectors come from
+    ``seed`` on every rank, so all ranks use the same ones.
     """
-    op = HessianOperator(model, loss_fn, batch, params, preconditioner, batch_size)
+    op = HessianOperator(model, loss_fn, batch, params, preconditioner, batch_size, group)
     if method == "hutch++":
         return hutchpp_trace(op.matvec, op.dim, num_matvecs, seed=seed, dtype=op.dtype,
                              device=op.device, max_bytes=max_bytes)
@@ -536,12 +578,13 @@ def hessian_spectral_density(
     seed: int = 0,
     batch_size: int | None = None,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
+    group=None,
 ) -> SpectralDensity:
     r"""Spectral density of :math:`H` by stochastic Lanczos quadrature (Ghorbani, Krishnan & Xiao,
     *An Investigation into Neural Net Optimization via Hessian Eigenvalue Density*, 2019):
     ``num_probes * num_steps`` HVPs; see :class:`lmech.core.SpectralDensity` (``.density(grid,
-    sigma)``, ``.trace(f)``)."""
-    op = HessianOperator(model, loss_fn, batch, params, preconditioner, batch_size)
+    sigma)``, ``.trace(f)``); ``group=`` as :func:`hessian_trace`."""
+    op = HessianOperator(model, loss_fn, batch, params, preconditioner, batch_size, group)
     return slq(op.matvec, op.dim, num_probes, num_steps, seed=seed, dtype=op.dtype,
                device=op.device, max_bytes=max_bytes)
 
@@ -574,6 +617,7 @@ class SharpnessProbe:
 
     name = "sharpness"
     cost: Cost = "high"
+    shards = True  # several processes: all-reduced Hessian-vector products (HessianOperator)
 
     def __init__(self, k: int = 1, *, preconditioned: bool | str = False, per_layer: bool = False,
                  tol: float = 1e-2, max_iter: int | None = None, warm_start: bool = True,
@@ -585,16 +629,23 @@ class SharpnessProbe:
 
     def _run(self, key, state, preconditioner, params, k=None) -> SharpnessResult:
         v0 = self._v0.get(key) if self.warm_start else None
-        batch = subsample(state.batch, self.num_examples)
+        if state.dist is None:
+            batch, d = subsample(state.batch, self.num_examples), None
+        else:  # the first examples of the global batch
+            batch, d = state.dist.first_examples(state.batch, self.num_examples)
         res = sharpness(state.model, state.loss_fn, batch, k or self.k, preconditioner, params,
                         tol=self.tol, max_iter=self.max_iter, v0=v0, seed=self.seed,
-                        max_bytes=state.max_bytes)
+                        max_bytes=state.max_bytes, group=d)
         if self.warm_start and res.eigenvectors is not None:
             # the sum of the previous Ritz vectors: its Krylov space holds all k of them
             self._v0[key] = res.eigenvectors.sum(1)
         return res
 
     def measure(self, state: TrainState) -> dict[str, float | Tensor]:
+        if state.dist is not None:
+            holder = state.dist.first_examples(state.batch, self.num_examples)[1].sole_holder()
+            if holder is not None:  # all on one rank: computed there (warm starts kept there too)
+                return state.dist.on_rank(holder, lambda: self.measure(dataclasses.replace(state, dist=None)))
         out: dict[str, float | Tensor] = {}
         res = self._run("global", state, None, state.params)
         for i, ev in enumerate(res.eigenvalues.tolist()):
@@ -629,19 +680,21 @@ class HessianTraceProbe:
 
     name = "hessian_trace"
     cost: Cost = "high"
+    shards = True  # several processes: all-reduced Hessian-vector products (HessianOperator)
 
     def __init__(self, num_matvecs: int = 30, *, per_layer: bool = False, seed: int = 0):
         self.num_matvecs, self.per_layer, self.seed = num_matvecs, per_layer, seed
 
     def measure(self, state: TrainState) -> dict[str, float | Tensor]:
         est = hessian_trace(state.model, state.loss_fn, state.batch, state.params,
-                            num_matvecs=self.num_matvecs, seed=self.seed, max_bytes=state.max_bytes)
+                            num_matvecs=self.num_matvecs, seed=self.seed, max_bytes=state.max_bytes,
+                            group=state.dist)
         out: dict[str, float | Tensor] = {"trace": est.value, "trace_stderr": est.stderr}
         if self.per_layer:
             for label, names in layer_groups(state.model, state.params).items():
                 out[f"trace/{label}"] = hessian_trace(
                     state.model, state.loss_fn, state.batch, names, num_matvecs=self.num_matvecs,
-                    seed=self.seed, max_bytes=state.max_bytes).value
+                    seed=self.seed, max_bytes=state.max_bytes, group=state.dist).value
         return out
 
 
@@ -653,6 +706,7 @@ class SpectralDensityProbe:
 
     name = "hessian_density"
     cost: Cost = "high"
+    shards = True  # several processes: all-reduced Hessian-vector products (HessianOperator)
 
     def __init__(self, num_probes: int = 2, num_steps: int = 30, *, grid_size: int = 200,
                  sigma: float = 0.01, seed: int = 0):
@@ -662,7 +716,7 @@ class SpectralDensityProbe:
     def measure(self, state: TrainState) -> dict[str, float | Tensor]:
         sd = hessian_spectral_density(state.model, state.loss_fn, state.batch, state.params,
                                       num_probes=self.num_probes, num_steps=self.num_steps,
-                                      seed=self.seed, max_bytes=state.max_bytes)
+                                      seed=self.seed, max_bytes=state.max_bytes, group=state.dist)
         lo, hi = float(sd.nodes.min()), float(sd.nodes.max())
         span = max(hi - lo, 1e-12)
         lo, hi = lo - 0.05 * span, hi + 0.05 * span

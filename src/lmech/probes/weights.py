@@ -297,6 +297,7 @@ class WeightSpectrumProbe:
 
     name = "weights"
     cost: Cost = "low"
+    shards = True  # reads only the weights, which data parallelism keeps equal on every rank
 
     def __init__(self, *, fit_power_law: bool = True, singular_values: bool = False,
                  reference: dict[str, Tensor] | None = None, tol: float = 1e-5):

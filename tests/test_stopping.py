@@ -131,7 +131,7 @@ def test_channel_noise_signal_on_a_recorded_run_is_bounded_by_the_smoother():
         opt.step()
         out = rec.step(lr)
         if step % 10 == 0:
-            sig = channel_noise_signals(rec, rec.readout())
+            sig = channel_noise_signals(rec)
             stopper.update(step, **sig)
             assert sig["channel_noise_risk"] >= out["loss"] - 1e-12
     u, _ = rec.outputs()

@@ -34,6 +34,7 @@ _CATALOG: dict[str, str] = {
     "scaling-law": "lmech.experiments.scaling_law",
     "attention-particles": "lmech.experiments.attention_particles",
     "quanta": "lmech.experiments.quanta",
+    "no-validation": "lmech.experiments.no_validation",
 }
 
 

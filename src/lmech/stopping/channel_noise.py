@@ -60,7 +60,8 @@ def channel_noise_risk(phi: np.ndarray, residual_sq: float, n: int) -> float:
     if reservoir <= 0:
         return float("nan")                      # no reservoir left to read the noise level from
     sigma2 = float(residual_sq) / reservoir
-    return 0.5 * float(residual_sq) / n + 0.5 * sigma2 * float(phi.sum()) / n
+    # half squared error per example: the optimism of a linear smoother is sigma^2 tr(H) / n
+    return 0.5 * float(residual_sq) / n + sigma2 * float(phi.sum()) / n
 
 
 def channel_noise_signals(recorder) -> dict[str, float]:

@@ -36,6 +36,7 @@ _CATALOG: dict[str, str] = {
     "quanta": "lmech.experiments.quanta",
     "prune-reservoir": "lmech.experiments.prune_reservoir",
     "dpo-noisy": "lmech.experiments.dpo_noisy",
+    "no-validation": "lmech.experiments.no_validation",
 }
 
 

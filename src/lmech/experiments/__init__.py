@@ -34,6 +34,8 @@ _CATALOG: dict[str, str] = {
     "scaling-law": "lmech.experiments.scaling_law",
     "attention-particles": "lmech.experiments.attention_particles",
     "quanta": "lmech.experiments.quanta",
+    "stochastic-stability": "lmech.experiments.stochastic_stability",
+    "value-clustering": "lmech.experiments.value_clustering",
 }
 
 

@@ -36,6 +36,8 @@ _CATALOG: dict[str, str] = {
     "quanta": "lmech.experiments.quanta",
     "stochastic-stability": "lmech.experiments.stochastic_stability",
     "value-clustering": "lmech.experiments.value_clustering",
+    "in-context": "lmech.experiments.in_context",
+    "task-diversity": "lmech.experiments.task_diversity",
 }
 
 

@@ -130,10 +130,10 @@ def test_bad_names_exit_2_and_write_nothing(tmp_path):
     assert not out.exists()
 
 
-def test_default_names_are_the_nine_laws_and_all_adds_the_paper_claims():
-    assert default_names() == LAW_ENTRIES and len(LAW_ENTRIES) == 9
+def test_default_names_are_the_twelve_laws_and_all_adds_the_paper_claims():
+    assert default_names() == LAW_ENTRIES and len(LAW_ENTRIES) == 12
     everything = checked_names()
-    assert set(LAW_ENTRIES) < set(everything) and "label-noise" in everything
+    assert set(LAW_ENTRIES) < set(everything) and "label-noise" in everything and "task-diversity" in everything
     assert all(experiments.get(n).check is not None for n in everything)
     assert resolve_names(["quanta", "quanta"]) == ["quanta"]
     assert resolve_names(["label-noise"]) == ["label-noise"]  # a paper-claim entry still runs by name

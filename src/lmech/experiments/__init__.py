@@ -38,6 +38,8 @@ _CATALOG: dict[str, str] = {
     "value-clustering": "lmech.experiments.value_clustering",
     "in-context": "lmech.experiments.in_context",
     "task-diversity": "lmech.experiments.task_diversity",
+    "central-flows": "lmech.experiments.central_flows",
+    "transformer-clusters": "lmech.experiments.transformer_clusters",
 }
 
 

@@ -99,7 +99,7 @@ def _grad_and_sharpness_grad(model, x, y, u_flat):
     hu = torch.autograd.grad(g_flat @ u_flat, params, create_graph=True)
     s = torch.cat([t.reshape(-1) for t in hu]) @ u_flat
     grad_s = torch.autograd.grad(s, params)
-    return float(loss), g_flat.detach(), float(s), torch.cat([t.reshape(-1) for t in grad_s])
+    return float(loss.detach()), g_flat.detach(), float(s.detach()), torch.cat([t.reshape(-1) for t in grad_s])
 
 
 def _set_flat(model, flat: torch.Tensor) -> None:

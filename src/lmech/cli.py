@@ -388,7 +388,7 @@ def report(
 
 @app.command("verify")
 def verify(
-    names: Optional[List[str]] = typer.Argument(None, help="catalog entries to verify (default: the nine laws)"),
+    names: Optional[List[str]] = typer.Argument(None, help="catalog entries to verify (default: the law catalog)"),
     every: bool = typer.Option(False, "--all", help="every catalog entry that has checks, paper claims included"),
     quick: bool = typer.Option(False, "--quick", help="each entry's small, real configuration"),
     out: Path = typer.Option(Path("verify"), "--out", help="output folder: runs/, verify.json, report.html"),

@@ -1,7 +1,7 @@
 """``lmech verify``: run the catalog's theory-vs-measurement checks and report them in one table.
 
 ``verify(names=None, quick=False, out="verify")`` runs the law catalog (:data:`LAW_CATALOG`, the
-nine entries below; or the named entries) into the run store ``out/runs``, collects every :class:`CheckRow`, and writes
+twelve entries below; or the named entries) into the run store ``out/runs``, collects every :class:`CheckRow`, and writes
 
 * ``out/verify.json``: ``{"checks": [row + entry + run_id], "runs": {entry: run id}, "store": "runs",
   "passed", "quick", "seed", "wall_time_s": {entry: seconds}, "created"}`` — the format
@@ -10,9 +10,10 @@ nine entries below; or the named entries) into the run store ``out/runs``, colle
   :func:`lmech.report.build.render_verify` (every check row with PASS/FAIL, then each entry's
   figures, embedded as base64 PNG; no network, no script), i.e. what ``lmech report out`` makes.
 
-Which entries run by default. :data:`LAW_CATALOG` holds the nine classic results of learning
+Which entries run by default. :data:`LAW_CATALOG` holds twelve established results of learning
 mechanics (deep linear dynamics, saddle-to-saddle, kernel learning curves, edge of stability,
-muP, scaling laws, lazy vs rich, attention particles, quanta): established theory, each check a
+muP, scaling laws, lazy vs rich, attention particles, quanta, and since issue 16 the edge of
+stochastic stability, value-matrix clustering and in-context regression): established theory, each check a
 closed form or fit against a measurement, all of which pass, so ``lmech verify`` failing means
 something broke. The catalog's other entries with a ``check()`` (grokking, the PopRisk
 experiments, the signal-channel/reservoir experiments) test claims of recent papers, and some of
@@ -118,7 +119,7 @@ def _fmt(value) -> str:
 
 
 LAW_CATALOG = ("deep-linear", "saddle-to-saddle", "kernel-curves", "edge-of-stability", "mup", "scaling-law",
-               "lazy-rich", "attention-particles", "quanta")
+               "lazy-rich", "attention-particles", "quanta", "stochastic-stability", "value-clustering", "in-context")
 
 
 def default_names() -> list[str]:

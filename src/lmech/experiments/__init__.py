@@ -37,6 +37,12 @@ _CATALOG: dict[str, str] = {
     "prune-reservoir": "lmech.experiments.prune_reservoir",
     "dpo-noisy": "lmech.experiments.dpo_noisy",
     "no-validation": "lmech.experiments.no_validation",
+    "stochastic-stability": "lmech.experiments.stochastic_stability",
+    "value-clustering": "lmech.experiments.value_clustering",
+    "in-context": "lmech.experiments.in_context",
+    "task-diversity": "lmech.experiments.task_diversity",
+    "central-flows": "lmech.experiments.central_flows",
+    "transformer-clusters": "lmech.experiments.transformer_clusters",
 }
 
 

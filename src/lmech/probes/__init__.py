@@ -19,6 +19,7 @@ The functions ``sharpness`` and ``ntk`` are re-exported here under their modules
 ``from lmech.probes.ntk import ...`` or ``importlib.import_module("lmech.probes.ntk")``.
 """
 
+from lmech.probes.batch_sharpness import BatchSharpnessProbe, BatchSharpnessResult, batch_sharpness
 from lmech.probes.base import Probe, TrainState, differentiable_kernels, layer_groups
 from lmech.probes.gradnoise import GradNoise, GradNoiseProbe, GroupNoise, grad_noise
 from lmech.probes.gramian import GramianProbe, GramianReadout, PathRecorder
@@ -86,3 +87,4 @@ __all__ = [
     # signal channel / reservoir
     "PathRecorder", "GramianReadout", "GramianProbe",
 ]
+__all__ += ["batch_sharpness", "BatchSharpnessResult", "BatchSharpnessProbe"]  # edge of stochastic stability

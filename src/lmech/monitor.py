@@ -84,6 +84,7 @@ from torch import Tensor, nn
 from lmech.core.functional import ParamSelector
 from lmech.core.threads import blas_threads
 from lmech.probes.base import Cost, Probe, TrainState, split_batch
+from lmech.probes.precision import full_precision
 
 __all__ = [
     "Monitor",
@@ -350,7 +351,7 @@ class Monitor:
                            self.params, self.max_bytes)
         metrics: dict[str, float | Tensor] = {}
         try:
-            with blas_threads():
+            with blas_threads(), full_precision():      # probes measure with autocast off
                 for probe in self.probes:
                     t0 = time.perf_counter()
                     try:

@@ -201,3 +201,23 @@ def test_monitor_step_off_schedule_does_no_tensor_work():
         for step in range(1, 10):
             assert mon.step(step, opt) is None
     assert mode.ops == []
+
+
+def test_poprisk_step_under_autocast_is_the_step_outside():
+    """Autocast changes the forward's products, not the optimizer's elementwise float32 update."""
+    nets = [mlp(), mlp()]
+    opts = [PopRiskAdamW(n.parameters(), weight_decay=0.1, gate=g) for n, g in zip(nets, ("soft", "soft"))]
+    x, y = batch()
+    for step in range(4):
+        grads = None
+        for i, (net, opt) in enumerate(zip(nets, opts)):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            if grads is None:
+                grads = [p.grad.clone() for p in net.parameters()]
+            for p, g in zip(net.parameters(), grads):
+                p.grad = g.clone()                             # the same gradients for both
+            with torch.autocast(**BF16, enabled=(i == 1)):
+                opt.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        assert a.dtype == torch.float32 and torch.equal(a, b)

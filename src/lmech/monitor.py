@@ -21,7 +21,10 @@ Guarantees (tested): during a measurement every module is put in ``eval()`` mode
 ``training`` flag restored afterwards; parameters, buffers, ``.grad`` fields and the optimizer
 state are only read; the torch (CPU and CUDA), NumPy and Python ``random`` generator states are
 saved before and restored after, so a run with a Monitor attached produces the same losses, bit
-for bit, as the same run without it. During a measurement NumPy's BLAS (the small LAPACK solves
+for bit, as the same run without it. A measurement runs with ``torch.autocast`` switched off (the
+probes measure the float32 model of an autocast run: :mod:`lmech.probes.precision`), and a call of
+:meth:`Monitor.step` off the schedule does no tensor work at all (no host synchronisation on a
+GPU). During a measurement NumPy's BLAS (the small LAPACK solves
 inside Lanczos) runs on at most ``torch.get_num_threads()`` threads (``threadpoolctl``): a run
 limited to one thread stays on one core (:func:`lmech.core.threads.blas_threads`). Without the
 limit OpenBLAS started a thread pool on the first eigensolve of size 60 or more, whose threads then
@@ -98,6 +101,7 @@ from lmech.core.distributed import DEFAULT_TIMEOUT_S, CollectiveError, is_fsdp, 
 from lmech.core.functional import ParamSelector
 from lmech.core.threads import blas_threads
 from lmech.probes.base import Cost, Probe, TrainState, split_batch
+from lmech.probes.precision import full_precision
 
 __all__ = [
     "Monitor",
@@ -410,7 +414,7 @@ class Monitor:
         seconds: list[float] = []
         failure: tuple[int, Exception] | None = None  # several processes: (probe index, error)
         try:
-            with blas_threads():
+            with blas_threads(), full_precision():      # probes measure with autocast off
                 for index, probe in enumerate(self.probes):
                     t0 = time.perf_counter()
                     try:

@@ -117,10 +117,23 @@ Diagnostics (:meth:`PopRiskAdamW.diagnostics`) are computed on demand from the o
 pays nothing for them and nothing is synchronized until they are read.
 
 Implementations: ``step()`` uses ``torch._foreach_*`` ops on the parameters grouped by device,
-dtype and step count (bias corrections are folded into the scalar arguments); ``fused=True`` runs
-one ``torch.compile``-d elementwise kernel per tensor instead (bias corrections passed as tensor
-data, so the kernel compiles once; about 20 s of compilation on CPU, then the fastest path; see
-``benchmarks/optimizer_step.py``).
+dtype and step count (bias corrections are folded into the scalar arguments). On CPU, with
+``reduction="element"``, the same ops run *cache-blocked*: every tensor is cut into flat views of at
+most :data:`CPU_BLOCK_ELEMENTS` elements, packed into blocks of at most that many, and the whole
+update runs block by block, so the ~18 elementwise passes of one block (state and temporaries,
+about 10 streams of 2 MiB in float32) stay in the last-level cache and main memory sees each
+tensor about once; temporaries are block-sized instead of parameter-sized. Each element goes
+through exactly the same operations with the same scalars, so the result is that of the unblocked
+ops (bitwise, in the benchmark). ``reduction="tensor"`` (its gate needs whole-tensor sums) and
+other devices (a GPU's multi-tensor kernels already amortize launches and its allocator caches
+temporaries) run the ops unblocked. ``fused=True`` runs one ``torch.compile``-d elementwise kernel
+per tensor instead (bias corrections passed as tensor data, so the kernel compiles once; about 20
+s of compilation on CPU; see ``benchmarks/optimizer_step.py``).
+
+No host synchronisation in ``step()``: the step counters live on the CPU (also after
+``load_state_dict``, which would move them to a ``fused`` group's device), every scalar is a
+Python float computed from them, and the fused kernel's scalar vector is copied to the device
+without blocking.
 
 Example:
     >>> import torch
@@ -144,12 +157,17 @@ from typing import Any, Callable, Iterable, Union
 import torch
 from torch import Tensor
 
-__all__ = ["PopRiskAdamW", "GATES", "REDUCTIONS", "resolve_alpha", "leave_one_out_term", "batch_noise",
-           "compare_noise_proxy"]
+__all__ = ["PopRiskAdamW", "GATES", "REDUCTIONS", "CPU_BLOCK_ELEMENTS", "resolve_alpha", "leave_one_out_term",
+           "batch_noise", "compare_noise_proxy"]
 
 GATES = ("soft", "hard", "snr", "none")
 REDUCTIONS = ("element", "tensor")
 AlphaSpec = Union[float, str]
+
+# Elements per cache block of the CPU foreach path: ~10 float32 streams of 2 MiB (state, gradient,
+# block-sized temporaries) fit a 32 MiB last-level cache; 2^17 lost to per-call overhead and 2^21 to
+# cache misses (``python benchmarks/optimizer_step.py --blocks 17,19,21``).
+CPU_BLOCK_ELEMENTS = 1 << 19
 
 
 def resolve_alpha(alpha: AlphaSpec, batch_size: int | None = None, dataset_size: int | None = None) -> float:
@@ -293,6 +311,38 @@ def _state_gates(group: dict, sc: _Scalars, ms: list[Tensor], ss: list[Tensor]) 
     return _foreach_gate(ms, ss, group["gate"], group["reduction"], sc)
 
 
+def _cache_blocks(lists: tuple[list[Tensor], ...], block: int) -> list[tuple[list[Tensor], ...]]:
+    """Cut the aligned tensor lists ``(ps, gs, ms, vs, ss)`` into blocks of at most ``block`` elements.
+
+    A tensor whose five members are all contiguous is cut into flat views (``view(-1)[a:b]``: the
+    same memory, so in-place ops on the views update the tensors); any other tensor is one unit,
+    whole. Consecutive units are packed into one block while the block stays within ``block``
+    elements, so small tensors share one foreach call.
+    """
+    blocks: list[tuple[list[Tensor], ...]] = []
+    cur: tuple[list[Tensor], ...] = tuple([] for _ in lists)
+    size = 0
+    for members in zip(*lists):
+        n = members[0].numel()
+        if all(x.is_contiguous() for x in members):
+            flat = [x.view(-1) for x in members]
+            units = [(a, min(block, n - a)) for a in range(0, n, block)] or [(0, 0)]
+            pieces = [[x.narrow(0, a, length) for x in flat] for a, length in units]
+        else:
+            pieces = [list(members)]
+        for piece in pieces:
+            length = piece[0].numel()
+            if size and size + length > block:
+                blocks.append(cur)
+                cur, size = tuple([] for _ in lists), 0
+            for lst, x in zip(cur, piece):
+                lst.append(x)
+            size += length
+    if cur[0]:
+        blocks.append(cur)
+    return blocks
+
+
 def _fused_update(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor, sc: Tensor, gate: str, reduction: str,
                   gate_weight_decay: bool) -> None:
     """One tensor's whole update, written for torch.compile (every step-dependent scalar is in ``sc``).
@@ -363,6 +413,10 @@ class PopRiskAdamW(torch.optim.Optimizer):
         gate_weight_decay: multiply each element's weight decay by its gate.
         fused: run a ``torch.compile``-d per-tensor kernel instead of the foreach ops.
 
+    Attributes:
+        block_elements: cache-block size of the CPU foreach path (default
+            :data:`CPU_BLOCK_ELEMENTS`; ``None`` or 0 runs the foreach ops on whole tensors).
+
     Example:
         >>> model = torch.nn.Linear(3, 2)
         >>> opt = PopRiskAdamW(model.parameters(), lr=1e-3, weight_decay=0.1, gate="soft")
@@ -382,6 +436,9 @@ class PopRiskAdamW(torch.optim.Optimizer):
                         reduction=reduction, gate_eps=gate_eps, gate_warmup=gate_warmup,
                         gate_weight_decay=bool(gate_weight_decay), fused=bool(fused))
         super().__init__(params, defaults)
+        # Cache-block size of the CPU foreach path (an attribute, not a group setting, so that
+        # state_dicts saved before it existed load unchanged); 0 or None runs the ops unblocked.
+        self.block_elements: int | None = CPU_BLOCK_ELEMENTS
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
@@ -438,9 +495,29 @@ class PopRiskAdamW(torch.optim.Optimizer):
                 sc = _Scalars(group, t)
                 if group["fused"]:
                     self._fused_step(group, sc, device, ps, gs, ms, vs, ss)
+                elif self._blocked(device, group, sc):
+                    block = getattr(self, "block_elements", CPU_BLOCK_ELEMENTS)
+                    for lists in _cache_blocks((ps, gs, ms, vs, ss), block):
+                        self._foreach_step(group, sc, *lists)
                 else:
                     self._foreach_step(group, sc, ps, gs, ms, vs, ss)
         return loss
+
+    def _blocked(self, device: torch.device, group: dict, sc: _Scalars) -> bool:
+        """Cache-block this subgroup? CPU, a block size, and a gate that needs no whole-tensor sum."""
+        block = getattr(self, "block_elements", CPU_BLOCK_ELEMENTS)   # optimizers pickled before it existed
+        return device.type == "cpu" and bool(block) and (group["reduction"] == "element" or sc.open)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, then the step counters back on the CPU.
+
+        torch moves ``step`` to the parameter's device for a group with ``fused=True``; reading it
+        there (``step()`` needs it as a Python int) would synchronise with the device every step.
+        """
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            if isinstance(state.get("step"), Tensor) and state["step"].device.type != "cpu":
+                state["step"] = state["step"].to("cpu")
 
     @staticmethod
     def _foreach_step(group: dict, sc: _Scalars, ps, gs, ms, vs, ss) -> None:
@@ -479,7 +556,10 @@ class PopRiskAdamW(torch.optim.Optimizer):
         rho, dtype = group["rho"], ps[0].dtype
         scalars = torch.tensor([rho, 1 - rho, 1 - b1, b2, 1 - b2, group["lr"] * group["weight_decay"],
                                 sc.step_size, sc.bc2_sqrt, group["eps"], sc.c, sc.c_hard(dtype), sc.lam_soft,
-                                sc.lam_snr, sc.eps_q, float(sc.open)], dtype=dtype, device=device)
+                                sc.lam_snr, sc.eps_q, float(sc.open)], dtype=dtype)
+        # Built on the CPU and copied without blocking: torch.tensor(..., device="cuda") would
+        # synchronise the host with the device (a blocking copy from pageable memory).
+        scalars = scalars.to(device, non_blocking=True)
         kernel = _compiled_update()
         for p, g, m, v, s in zip(ps, gs, ms, vs, ss):
             if p.is_contiguous() and g.is_contiguous() and m.is_contiguous():

@@ -14,6 +14,10 @@ One concept per module, each with plain functions and a probe class for :class:`
 * :mod:`~lmech.probes.gramian` — the path-integrated NTK operators (propagator, dissipation
   Gramian, train-test coupling): signal channel and reservoir along a real run.
 
+Precision and devices (:mod:`~lmech.probes.precision`): every probe runs with ``torch.autocast``
+switched off, in the parameters' dtype (float32 under autocast training), and reduces in float32 or
+float64; probes run on the model's device (CPU or CUDA) and return Python floats or tensors.
+
 The functions ``sharpness`` and ``ntk`` are re-exported here under their modules' names, so
 ``lmech.probes.ntk`` is the function; reach a module itself with
 ``from lmech.probes.ntk import ...`` or ``importlib.import_module("lmech.probes.ntk")``.

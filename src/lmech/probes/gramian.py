@@ -175,6 +175,7 @@ from lmech.core.linalg import check_memory
 from lmech.probes.base import Cost, TrainState
 from lmech.probes.ntk import kernel_drift, per_example_jacobian
 from lmech.probes.path_loo import PathLOO, path_loo
+from lmech.probes.precision import full_precision
 
 __all__ = [
     "PathRecorder",
@@ -466,7 +467,7 @@ class GramianPath:
             self.h = torch.zeros(it.N, dtype=torch.float64)
             self.F_S = torch.zeros(it.N, dtype=torch.float64)
             self.F_Q = torch.zeros(it.M, dtype=torch.float64)
-            self.Rh = torch.zeros(it.n_params, dtype=torch.float64) if mom else None
+            self.Rh = torch.zeros(it.n_params, dtype=torch.float64, device=it.J.device) if mom else None
         if it.l2 is not None and self.Rc is None:
             self.Rc = init * it.l2
         for j in range(it.steps):
@@ -539,14 +540,14 @@ class _Interval:
     def pull(self, V: Tensor) -> Tensor:
         r""":math:`J_S^\top E V` (parameter space, float64)."""
         V = V if self.E is None else (V * self.E if V.dim() == 1 else V * self.E[:, None])
-        return (self.J[:self.N].T @ V.to(self.J.dtype)).double()
+        return (self.J[:self.N].T @ V.to(self.J)).double()      # parameter space: on J's device
 
     def image(self, V: Tensor) -> tuple[Tensor, Tensor]:
         r""":math:`([J_S; J_Q]\,\Pi V)` split into the S and Q rows (float64)."""
         V = V.to(self.J.dtype)
         if self._pi is not None:
             V = V * (self._pi if V.dim() == 1 else self._pi[:, None])
-        out = (self.J @ V).double()
+        out = (self.J @ V.to(self.J)).double().cpu()            # output space: float64 on the CPU
         return out[:self.N], out[self.N:]
 
 
@@ -821,6 +822,9 @@ class PathRecorder:
             (:attr:`window_path`), for the operators of the recent past (grokking).
         chunk_size: examples vectorized at once in the Jacobian (``None``: all).
 
+    Devices: the Jacobians and parameter-space buffers stay on the model's device; the output-space
+    operators (:math:`N\times N`, float64) and the readouts live on the CPU.
+
     Attributes: ``path`` (the :class:`GramianPath` from :meth:`start`), ``window_path`` (the open
     window) and :attr:`last_window`; ``K0``/``KQS0`` and ``K_last`` (first and last driving
     kernels); ``history`` (the scalars of every :meth:`step`, with their step count).
@@ -891,11 +895,11 @@ class PathRecorder:
             if tuple(y.shape[1:]) != self.out_shape and not (self.o == 1 and y.dim() == 1):
                 raise ValueError(f"{what} has shape {tuple(y.shape)}; MSE targets must match the model "
                                  f"outputs (n, {', '.join(map(str, self.out_shape))})")
-            return y.detach().double().reshape(n, self.o)
+            return y.detach().double().cpu().reshape(n, self.o)
         if y.dtype.is_floating_point or y.dim() != 1 or len(self.out_shape) != 1:
             raise ValueError(f"cross-entropy needs integer class targets of shape ({n},) and logits (n, C); got "
                              f"{what} {tuple(y.shape)} {y.dtype}, outputs (n, {', '.join(map(str, self.out_shape))})")
-        return y.detach().long()
+        return y.detach().long().cpu()
 
     @property
     def loss_fn(self) -> Callable[[Tensor, Tensor], Tensor]:
@@ -922,12 +926,13 @@ class PathRecorder:
         return any(float(g.get("momentum", 0.0)) or ("betas" in g and float(g["betas"][0])) for g in opt.param_groups)
 
     # -- measurement at the current weights --------------------------------------------------------
+    @full_precision()                              # autocast off: lmech.probes.precision
     def _measure(self) -> dict:
         model = self.model
         with _eval(model):
             with torch.no_grad():
-                u_S = model(*self.xs_S).detach().double().reshape(self.n, self.o)
-                u_Q = model(*self.xs_Q).detach().double().reshape(self.m, self.o)
+                u_S = model(*self.xs_S).detach().double().cpu().reshape(self.n, self.o)
+                u_Q = model(*self.xs_Q).detach().double().cpu().reshape(self.m, self.o)
             # one call for S and Q: rows 0..N-1 are J_S, the rest J_Q (views, no copy)
             J = per_example_jacobian(self.fm, self.xs_all, chunk_size=self.chunk_size, max_bytes=self.max_bytes)
         J = J.reshape(self.N + self.M, -1).detach()
@@ -1014,7 +1019,7 @@ class PathRecorder:
             pi = None                                   # plain SGD: skip the scaled copy
         J_S, J_Q = st["J_S"], st["J_Q"]
         JS_pi = J_S if pi is None else J_S * pi.to(J_S.dtype)
-        KK = (st["J"] @ JS_pi.T).double()              # [J_S; J_Q] Pi J_S^T in one product
+        KK = (st["J"] @ JS_pi.T).double().cpu()            # [J_S; J_Q] Pi J_S^T in one product
         del JS_pi
         K, KQS = KK[:self.N], KK[self.N:]
         K = (K + K.T) / 2
@@ -1027,7 +1032,7 @@ class PathRecorder:
         decay = l2 = None
         if upd.decay is not None:                     # decoupled weight decay: J (decay * w)
             v = (upd.decay * st["w"]).to(st["J"].dtype)
-            dd = (st["J"] @ v).double()
+            dd = (st["J"] @ v).double().cpu()
             decay = (dd[:self.N], dd[self.N:])
         if upd.l2 is not None:                        # coupled weight decay: l2 * w joins the gradient buffer
             l2 = upd.l2 * st["w"]
@@ -1127,7 +1132,7 @@ class PathRecorder:
     def _batch_weights(self, batch: Tensor | None) -> Tensor | None:
         if batch is None:
             return None
-        idx = torch.as_tensor(batch).long().reshape(-1)
+        idx = torch.as_tensor(batch).long().cpu().reshape(-1)
         if idx.numel() == 0 or int(idx.min()) < 0 or int(idx.max()) >= self.n:
             raise ValueError(f"batch must hold indices into the training set S (0..{self.n - 1})")
         if idx.unique().numel() != idx.numel():
@@ -1243,7 +1248,7 @@ class PathRecorder:
         if self._state is None:
             raise RuntimeError("nothing measured yet: call start() first")
         J = self._state["J_S"]
-        return (J @ J.T).double()
+        return (J @ J.T).double().cpu()
 
     def kernel_regression_operator(self, rcond: float = 1e-8) -> Tensor:
         r""":math:`K_{QS}(0)\,K_{SS}(0)^+` with the first recorded driving kernels: what :math:`A = G_Q D^+`

@@ -61,6 +61,7 @@ from torch.func import vjp as _func_vjp
 from lmech.core.functional import DEFAULT_MAX_BYTES, FunctionalModel, ParamSelector, unflatten
 from lmech.core.linalg import check_memory
 from lmech.probes.base import Cost, TrainState, differentiable_kernels, layer_groups, split_batch
+from lmech.probes.precision import full_precision
 
 __all__ = [
     "ntk",
@@ -308,6 +309,7 @@ def _flat_weights(weights, fm: FunctionalModel) -> dict[str, Tensor] | None:
     return out
 
 
+@full_precision()
 def ntk(
     model,
     x: Inputs,
@@ -436,7 +438,8 @@ def _ntk_products(fm, xs1, xs2, w, trace, chunk_size, block) -> Tensor:
     n1 = xs1[0].shape[0]
     other = xs1 if xs2 is None else xs2
     n2 = other[0].shape[0]
-    eye = torch.eye(o, dtype=next(iter(fm.params.values())).dtype).reshape(o, *o_shape)
+    first = next(iter(fm.params.values()))
+    eye = torch.eye(o, dtype=first.dtype, device=first.device).reshape(o, *o_shape)
 
     def vjps(*xs_j):  # J_j^T e_b for every output entry b of one example: {name: (o, *shape)}
         _, pull = _func_vjp(lambda p: single(p, *xs_j), fm.params)
@@ -607,6 +610,7 @@ class NTKProbe:
         self._ref: dict[str, Tensor] = {}
         self._prev: Tensor | None = None
 
+    @full_precision()
     def measure(self, state: TrainState) -> dict[str, float | Tensor]:
         inputs, targets = split_batch(state.batch)
         n = min(self.num_examples, inputs[0].shape[0])

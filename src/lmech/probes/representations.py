@@ -43,6 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from lmech.probes.base import Cost, TrainState, split_batch
+from lmech.probes.precision import full_precision
 
 __all__ = [
     "linear_cka",
@@ -59,7 +60,7 @@ Metric = Literal["cka", "cka_debiased", "svcca", "mutual_knn"]
 
 def _matrix(X, name: str = "X") -> Tensor:
     X = torch.as_tensor(np.asarray(X) if not isinstance(X, Tensor) else X)
-    X = X.detach().to(torch.float64)
+    X = X.detach().to(device="cpu", dtype=torch.float64)   # n x features, small: float64 on the CPU
     if X.dim() < 2:
         raise ValueError(f"{name} must have shape (n, features...), got {tuple(X.shape)}")
     X = X.reshape(X.shape[0], -1)
@@ -391,6 +392,7 @@ class RepresentationProbe:
         self.permutations, self.seed = permutations, seed
         self._ref: dict[str, Tensor] | None = None
 
+    @full_precision()
     def measure(self, state: TrainState) -> dict[str, float | Tensor]:
         inputs, _ = split_batch(state.batch)
         n = min(self.num_examples, inputs[0].shape[0])

@@ -67,6 +67,7 @@ from lmech.core.linalg import (
     slq,
 )
 from lmech.probes.base import Cost, TrainState, differentiable_kernels, layer_groups, split_batch, subsample
+from lmech.probes.precision import full_precision
 
 __all__ = [
     "HessianOperator",
@@ -394,6 +395,7 @@ class SharpnessResult:
         return self.residuals / self.eigenvalues.abs().clamp_min(1e-300)
 
 
+@full_precision()
 def sharpness(
     model,
     loss_fn: Callable,
@@ -526,6 +528,7 @@ def sharpness_per_layer(
 # --------------------------------------------------------------------------------------------
 
 
+@full_precision()
 def hessian_trace(
     model,
     loss_fn: Callable,
@@ -566,6 +569,7 @@ def hessian_trace(
     raise ValueError(f"method must be 'hutch++' or 'hutchinson', got {method!r}")
 
 
+@full_precision()
 def hessian_spectral_density(
     model,
     loss_fn: Callable,
@@ -641,6 +645,7 @@ class SharpnessProbe:
             self._v0[key] = res.eigenvectors.sum(1)
         return res
 
+    @full_precision()
     def measure(self, state: TrainState) -> dict[str, float | Tensor]:
         if state.dist is not None:
             holder = state.dist.first_examples(state.batch, self.num_examples)[1].sole_holder()
@@ -685,6 +690,7 @@ class HessianTraceProbe:
     def __init__(self, num_matvecs: int = 30, *, per_layer: bool = False, seed: int = 0):
         self.num_matvecs, self.per_layer, self.seed = num_matvecs, per_layer, seed
 
+    @full_precision()
     def measure(self, state: TrainState) -> dict[str, float | Tensor]:
         est = hessian_trace(state.model, state.loss_fn, state.batch, state.params,
                             num_matvecs=self.num_matvecs, seed=self.seed, max_bytes=state.max_bytes,
@@ -713,6 +719,7 @@ class SpectralDensityProbe:
         self.num_probes, self.num_steps, self.grid_size = num_probes, num_steps, grid_size
         self.sigma, self.seed = sigma, seed
 
+    @full_precision()
     def measure(self, state: TrainState) -> dict[str, float | Tensor]:
         sd = hessian_spectral_density(state.model, state.loss_fn, state.batch, state.params,
                                       num_probes=self.num_probes, num_steps=self.num_steps,

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from lmech.core.functional import FunctionalModel, ParamSelector
 from lmech.core.linalg import lanczos
 from lmech.probes.base import Cost, TrainState
+from lmech.probes.precision import full_precision
 
 __all__ = ["PowerLawFit", "power_law_fit", "LayerSpectrum", "weight_spectra", "spectral_norm",
            "spectral_norm_and_vector", "WeightSpectrumProbe"]
@@ -196,7 +197,7 @@ def weight_spectra(
         if singular_values:
             sv = torch.linalg.svdvals(W)
             s1 = float(sv[0])
-            eig = (sv**2).numpy()
+            eig = (sv**2).cpu().numpy()
             eig = eig[eig > 1e-12 * max(float(eig[0]), 1e-300)]
             if fit_power_law and eig.size >= min_tail:
                 alpha = power_law_fit(eig, min_tail=min_tail)
@@ -307,6 +308,7 @@ class WeightSpectrumProbe:
         self._start: dict[str, Tensor] = {}  # warm starts of the Lanczos spectral norms of W
         self._start_delta: dict[str, Tensor] = {}  # ... and of W - W_ref
 
+    @full_precision()
     def measure(self, state: TrainState) -> dict[str, float | Tensor]:
         if self.reference is None:
             fm = FunctionalModel(state.model, state.params)

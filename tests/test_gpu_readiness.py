@@ -75,14 +75,14 @@ def test_every_probe_of_the_presets_under_bfloat16_autocast(preset):
 
 def test_probe_classes_switch_autocast_off_themselves():
     """Called directly (no Monitor) inside autocast: the probe classes and functions that the
-    Monitor's presets use (gradient noise excepted: lmech.probes.gradnoise is not changed here)."""
-    from lmech.probes import (HessianTraceProbe, NTKProbe, RepresentationProbe, SharpnessProbe,
-                              SpectralDensityProbe, WeightSpectrumProbe, sharpness)
+    Monitor's presets use."""
+    from lmech.probes import (GradNoiseProbe, HessianTraceProbe, NTKProbe, RepresentationProbe, SharpnessProbe,
+                              SpectralDensityProbe, WeightSpectrumProbe, grad_noise, sharpness)
     from lmech.probes.base import TrainState
 
     net, opt, probe_batch = trained()
     make = [lambda: SharpnessProbe(k=2), lambda: HessianTraceProbe(num_matvecs=8), SpectralDensityProbe,
-            lambda: NTKProbe(num_examples=16), WeightSpectrumProbe, RepresentationProbe]
+            lambda: NTKProbe(num_examples=16), WeightSpectrumProbe, RepresentationProbe, GradNoiseProbe]
     for factory in make:
         state = TrainState(net, nn.functional.cross_entropy, probe_batch, 0, opt)
         plain = factory().measure(state)
@@ -93,6 +93,9 @@ def test_probe_classes_switch_autocast_off_themselves():
     with torch.autocast(**BF16):
         res = sharpness(net, nn.functional.cross_entropy, (x, y), k=1)
     assert res.eigenvalues.dtype in (torch.float32, torch.float64) and torch.isfinite(res.eigenvalues).all()
+    with torch.autocast(**BF16):
+        noise = grad_noise(net, nn.functional.cross_entropy, (x, y))
+    assert math.isfinite(noise.total.snr) and noise.total.snr == grad_noise(net, nn.functional.cross_entropy, (x, y)).total.snr
 
 
 def test_path_recorder_and_gramian_probe_under_autocast():

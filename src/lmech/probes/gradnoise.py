@@ -106,6 +106,7 @@ from lmech.core.functional import (
 )
 from lmech.errors import MemoryBudgetError
 from lmech.probes.base import Cost, TrainState, layer_groups, split_batch, subsample
+from lmech.probes.precision import full_precision
 
 __all__ = ["GroupNoise", "GradNoise", "grad_noise", "GradNoiseProbe"]
 
@@ -590,6 +591,7 @@ def _check_batchnorm(model: nn.Module) -> None:
                 "first (the Monitor measures in eval mode)")
 
 
+@full_precision()
 def grad_noise(
     model,
     loss_fn: Callable,
@@ -784,6 +786,7 @@ class GradNoiseProbe:
     def __init__(self, *, per_layer: bool = True, per_coordinate: bool = False, num_examples: int | None = None):
         self.per_layer, self.per_coordinate, self.num_examples = per_layer, per_coordinate, num_examples
 
+    @full_precision()
     def measure(self, state: TrainState) -> dict[str, float | Tensor]:
         if state.dist is None:
             batch, d = subsample(state.batch, self.num_examples), None

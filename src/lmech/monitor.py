@@ -81,6 +81,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lmech.core.batch import Output, adapt
 from lmech.core.functional import ParamSelector
 from lmech.core.threads import blas_threads
 from lmech.probes.base import Cost, Probe, TrainState, split_batch
@@ -285,6 +286,13 @@ class Monitor:
         params: parameter selector for the probes' global metrics (default: all trainable).
         on_error: ``"raise"`` (default) or ``"warn"``: a failing probe is skipped for that
             measurement with a one-line warning.
+        output: what ``loss_fn`` and the probes see of the model's output: ``None`` (as it is),
+            a field name (``"logits"`` of a Hugging Face ``ModelOutput``), an index (a tuple
+            output) or a callable.
+
+    ``probe_batch`` may also be a dict (``model(**batch)``, the dict itself passed to
+    ``loss_fn`` as the targets, the way Hugging Face collators build batches), and its inputs a
+    dict or nested tuples/dicts of tensors, examples along dim 0 (:mod:`lmech.core.batch`).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -309,10 +317,13 @@ class Monitor:
         *,
         params: ParamSelector = None,
         on_error: Literal["raise", "warn"] = "raise",
+        output: Output = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor needs an nn.Module, got {type(model).__name__}")
-        split_batch(probe_batch)  # validates the shape of the batch now, not at step 100
+        # dict/nested batches and output= handled once (lmech.core.batch); validated now, not at step 100
+        self._probe_model, self._probe_batch = adapt(model, probe_batch, output)
+        split_batch(self._probe_batch)
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
         if budget_mb is not None and budget_mb <= 0:
@@ -346,7 +357,7 @@ class Monitor:
         rng = _Saved.capture()
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
-        state = TrainState(self.model, self.loss_fn, self.probe_batch, int(step), optimizer,
+        state = TrainState(self._probe_model, self.loss_fn, self._probe_batch, int(step), optimizer,
                            self.params, self.max_bytes)
         metrics: dict[str, float | Tensor] = {}
         try:

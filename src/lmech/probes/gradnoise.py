@@ -87,6 +87,7 @@ from lmech.core.functional import (
     per_example_grads,
 )
 from lmech.errors import MemoryBudgetError
+from lmech.core.batch import Output, adapt
 from lmech.probes.base import Cost, TrainState, layer_groups, split_batch, subsample
 
 __all__ = ["GroupNoise", "GradNoise", "grad_noise", "GradNoiseProbe"]
@@ -484,6 +485,7 @@ def grad_noise(
     chunk_size: int | None = None,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
     method: str = "auto",
+    output: Output = None,
 ) -> GradNoise:
     r"""Gradient noise statistics of ``loss_fn`` on ``batch`` (module docstring).
 
@@ -491,7 +493,8 @@ def grad_noise(
         model: ``nn.Module`` (run as is: ``eval()`` it for per-example gradients that do not
             depend on the rest of the batch) or :class:`lmech.core.FunctionalModel`.
         loss_fn: the training loss; each example is evaluated as a batch of one.
-        batch: ``(inputs, targets)`` with :math:`b \ge 3` examples.
+        batch: ``(inputs, targets)`` or a dict (``model(**batch)``), :math:`b \ge 3` examples
+            along dim 0 (forms in :mod:`lmech.core.batch`).
         params: parameter subset.
         groups: ``label -> parameter names`` (default: one group per layer).
         chunk_size: examples per ``vmap`` call inside a chunk (``"vmap"``).
@@ -499,6 +502,8 @@ def grad_noise(
             holds :math:`O(b \cdot \text{width} + P)` numbers).
         method: ``"auto"``, ``"vmap"`` or ``"linear"`` (module docstring); ``"linear"`` raises
             ``ValueError`` where it does not apply.
+        output: what ``loss_fn`` sees of the model's output (a field name, an index or a
+            callable; :mod:`lmech.core.batch`).
 
     Example:
         >>> from torch import nn
@@ -510,6 +515,7 @@ def grad_noise(
         >>> gn.total.snr > 0 and gn.total.noise_scale > 0
         True
     """
+    model, batch = adapt(model, batch, output)  # dict/nested batches, output= (lmech.core.batch)
     inputs, targets = split_batch(batch)
     b = inputs[0].shape[0]
     if b < 3:

@@ -60,6 +60,7 @@ from torch.func import vjp as _func_vjp
 
 from lmech.core.functional import DEFAULT_MAX_BYTES, FunctionalModel, ParamSelector, unflatten
 from lmech.core.linalg import check_memory
+from lmech.core.batch import Output, adapt_input_pair, tensor_output
 from lmech.probes.base import Cost, TrainState, differentiable_kernels, layer_groups, split_batch
 
 __all__ = [
@@ -97,6 +98,12 @@ def _as_tuple(x: Inputs) -> tuple:
     return xs
 
 
+def _prepare(model, params, x, x2=None, output: Output = None):
+    """``(fm, xs1, xs2)``: dict/nested inputs and ``output=`` through :mod:`lmech.core.batch`."""
+    model, xs1, xs2 = adapt_input_pair(model, x, x2, output)
+    return _fmodel(model, params), _as_tuple(xs1), None if xs2 is None else _as_tuple(xs2)
+
+
 def _check_eval_mode(fm: FunctionalModel) -> None:
     for m in fm._modules:
         if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -110,7 +117,7 @@ def _check_eval_mode(fm: FunctionalModel) -> None:
 def _single(fm: FunctionalModel):
     """(params, *one-example inputs) -> output of that example (batch of one, squeezed)."""
     def f(p, *xs_i):
-        return fm(p, *(x.unsqueeze(0) for x in xs_i)).squeeze(0)
+        return tensor_output(fm(p, *(x.unsqueeze(0) for x in xs_i)), "the NTK").squeeze(0)
     return f
 
 
@@ -131,6 +138,7 @@ def per_example_jacobian(
     flat: bool = True,
     chunk_size: int | None = None,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
+    output: Output = None,
 ) -> Tensor | dict[str, Tensor]:
     r"""Per-example Jacobians :math:`J_i = \partial f(x_i; w)/\partial w`.
 
@@ -144,8 +152,7 @@ def per_example_jacobian(
         >>> per_example_jacobian(net, torch.randn(5, 3)).shape
         torch.Size([5, 2, 26])
     """
-    fm = _fmodel(model, params)
-    xs = _as_tuple(x)
+    fm, xs, _ = _prepare(model, params, x, None, output)
     out_shape = _out_shape(fm, xs)
     o = math.prod(out_shape)
     n = xs[0].shape[0]
@@ -224,6 +231,8 @@ def ntk_cost(
     params: ParamSelector = None,
     trace_outputs: bool = False,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
+    *,
+    output: Output = None,
 ) -> NTKCost:
     r"""The cost model of :func:`ntk`, evaluated for these inputs.
 
@@ -245,9 +254,7 @@ def ntk_cost(
         >>> ntk_cost(net, torch.randn(32, 10)).choice   # one output: contraction is cheap
         'jacobian'
     """
-    fm = _fmodel(model, params)
-    xs1 = _as_tuple(x)
-    xs2 = None if x2 is None else _as_tuple(x2)
+    fm, xs1, xs2 = _prepare(model, params, x, x2, output)
     o = math.prod(_out_shape(fm, xs1))
     n1 = xs1[0].shape[0]
     n2 = n1 if xs2 is None else xs2[0].shape[0]
@@ -319,13 +326,15 @@ def ntk(
     weights: dict[str, Tensor] | Tensor | None = None,
     chunk_size: int | None = None,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
+    output: Output = None,
 ) -> Tensor:
     r"""Empirical NTK :math:`\Theta(x, x_2) = J(x)\,M\,J(x_2)^\top` (module docstring).
 
     Args:
         model: ``nn.Module`` (run as is; ``eval()`` it first) or
             :class:`lmech.core.FunctionalModel`.
-        x: inputs, a tensor or tuple of tensors with the examples along dim 0 (token ids fine).
+        x: inputs with the examples along dim 0 (token ids fine): a tensor, a tuple of tensors
+            (``model(*x)``) or a dict (``model(**x)``), possibly nested (:mod:`lmech.core.batch`).
         implementation: ``"jacobian"``, ``"products"`` or ``"auto"`` (cost model, :func:`ntk_cost`).
         params: parameter subset (the kernel of those parameters: a per-layer NTK).
         trace_outputs: sum over output entries, returning ``(n1, n2)``.
@@ -338,6 +347,8 @@ def ntk(
         max_bytes: budget for the kernel plus the working memory; above it the computation is
             blocked, and refused (:class:`lmech.core.MemoryBudgetError`) if even one example
             does not fit.
+        output: the tensor the kernel is of, for a model that returns a ``ModelOutput``, a dict
+            or a tuple: a field name (``"logits"``), an index or a callable.
 
     Returns:
         ``(n1 * o, n2 * o)`` (example-major) or ``(n1, n2)`` when ``trace_outputs``.
@@ -353,10 +364,8 @@ def ntk(
     """
     if implementation not in ("jacobian", "products", "auto"):
         raise ValueError(f"implementation must be 'jacobian', 'products' or 'auto', got {implementation!r}")
-    fm = _fmodel(model, params)
+    fm, xs1, xs2 = _prepare(model, params, x, x2, output)
     _check_eval_mode(fm)
-    xs1 = _as_tuple(x)
-    xs2 = None if x2 is None else _as_tuple(x2)
     w = _flat_weights(weights, fm)
     cost = ntk_cost(fm, xs1, xs2, None, trace_outputs, max_bytes)
     check_memory(cost.kernel_bytes, max_bytes,

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lmech.core.batch import adapt_inputs
 from lmech.probes.base import Cost, TrainState, split_batch
 
 __all__ = [
@@ -336,13 +337,15 @@ def layer_features(model: nn.Module, inputs, layers: list[str] | None = None) ->
     ``layers`` defaults to every module that directly owns parameters (``nn.Linear``,
     ``nn.Conv*``, ``nn.Embedding``, norms, ...), in model order. Forward hooks are registered for
     one forward pass (under ``torch.no_grad``, model run as is) and removed. A module that returns
-    a tuple contributes its first tensor.
+    a tuple contributes its first tensor. ``inputs`` as in :func:`lmech.probes.ntk` (a tensor, a
+    tuple or a dict of tensors).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
         >>> {n: tuple(h.shape) for n, h in layer_features(net, torch.randn(5, 3)).items()}
         {'0': (5, 4), '2': (5, 2)}
     """
+    model, inputs = adapt_inputs(model, inputs)  # dict/nested inputs (lmech.core.batch)
     modules = dict(model.named_modules())
     if layers is None:
         layers = [n for n, m in modules.items() if n and any(True for _ in m.parameters(recurse=False))]

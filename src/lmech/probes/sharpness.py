@@ -65,6 +65,7 @@ from lmech.core.linalg import (
     lanczos,
     slq,
 )
+from lmech.core.batch import Output, adapt
 from lmech.probes.base import Cost, TrainState, differentiable_kernels, layer_groups, split_batch, subsample
 
 __all__ = [
@@ -226,7 +227,10 @@ class HessianOperator:
         params: ParamSelector = None,
         preconditioner=None,
         batch_size: int | None = None,
+        *,
+        output: Output = None,
     ):
+        model, batch = adapt(model, batch, output)
         inputs, targets = split_batch(batch)
         if isinstance(model, FunctionalModel):
             if params is not None:
@@ -377,6 +381,7 @@ def sharpness(
     batch_size: int | None = None,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
+    output: Output = None,
 ) -> SharpnessResult:
     r"""Top-``k`` eigenvalues of the loss Hessian on ``batch``, by Lanczos on HVPs.
 
@@ -384,7 +389,8 @@ def sharpness(
         model: an ``nn.Module`` (run as it is: call ``model.eval()`` first for dropout-free,
             batch-independent curvature) or a :class:`lmech.core.FunctionalModel`.
         loss_fn: ``loss_fn(model(*inputs), targets)``, a scalar.
-        batch: ``(inputs, targets)``.
+        batch: ``(inputs, targets)`` or a dict (``model(**batch)``; dict, nested and tuple
+            forms in :mod:`lmech.core.batch`).
         k: number of top eigenvalues.
         preconditioner: ``None`` (plain :math:`H`), an Adam/AdamW optimizer (adaptive sharpness
             :math:`\lambda(P^{-1/2}HP^{-1/2})` with :math:`P` as in the module docstring, and
@@ -413,6 +419,8 @@ def sharpness(
         max_bytes: budget for the Lanczos basis.
         callback: ``(hvps, ritz_values, residuals)`` after every HVP (see
             :func:`lmech.core.lanczos`).
+        output: what ``loss_fn`` sees of the model's output: ``None`` (as it is), a field name
+            (``"logits"`` of a ``ModelOutput``), an index or a callable (:mod:`lmech.core.batch`).
 
     Returns:
         :class:`SharpnessResult`.
@@ -428,7 +436,7 @@ def sharpness(
         >>> torch.allclose(res.eigenvalues, exact)
         True
     """
-    op = HessianOperator(model, loss_fn, batch, params, preconditioner, batch_size)
+    op = HessianOperator(model, loss_fn, batch, params, preconditioner, batch_size, output=output)
     if start not in ("gradient", "random"):
         raise ValueError(f"start must be 'gradient' or 'random', got {start!r}")
     if v0 is None and start == "gradient":
@@ -500,10 +508,11 @@ def hessian_trace(
     seed: int = 0,
     batch_size: int | None = None,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
+    output: Output = None,
 ) -> TraceEstimate:
     r""":math:`\operatorname{tr} H` (or :math:`\operatorname{tr} P^{-1}H`) by Hutch++ (default) or
     Hutchinson with ``num_matvecs`` HVPs; returns a :class:`lmech.core.TraceEstimate` with a
-    standard error. Hutch++ is much more accurate when a few large eigenvalues dominate the
+    standard error (``batch`` and ``output`` as in :func:`sharpness`). Hutch++ is much more accurate when a few large eigenvalues dominate the
     trace (the usual Hessian spectrum: a bulk near 0 and a few outliers).
 
     Example:
@@ -514,7 +523,7 @@ def hessian_trace(
         >>> abs(est.value - float((x ** 2).sum() / 50)) < 1e-8   # d = 4 <= 12/3: exact
         True
     """
-    op = HessianOperator(model, loss_fn, batch, params, preconditioner, batch_size)
+    op = HessianOperator(model, loss_fn, batch, params, preconditioner, batch_size, output=output)
     if method == "hutch++":
         return hutchpp_trace(op.matvec, op.dim, num_matvecs, seed=seed, dtype=op.dtype,
                              device=op.device, max_bytes=max_bytes)
@@ -536,12 +545,13 @@ def hessian_spectral_density(
     seed: int = 0,
     batch_size: int | None = None,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
+    output: Output = None,
 ) -> SpectralDensity:
     r"""Spectral density of :math:`H` by stochastic Lanczos quadrature (Ghorbani, Krishnan & Xiao,
     *An Investigation into Neural Net Optimization via Hessian Eigenvalue Density*, 2019):
     ``num_probes * num_steps`` HVPs; see :class:`lmech.core.SpectralDensity` (``.density(grid,
-    sigma)``, ``.trace(f)``)."""
-    op = HessianOperator(model, loss_fn, batch, params, preconditioner, batch_size)
+    sigma)``, ``.trace(f)``). ``batch`` and ``output`` as in :func:`sharpness`."""
+    op = HessianOperator(model, loss_fn, batch, params, preconditioner, batch_size, output=output)
     return slq(op.matvec, op.dim, num_probes, num_steps, seed=seed, dtype=op.dtype,
                device=op.device, max_bytes=max_bytes)
 

@@ -95,6 +95,9 @@ __all__ = [
     "ListSink",
     "RunSink",
     "TensorBoardSink",
+    "WandbSink",
+    "MLflowSink",
+    "split_metrics",
 ]
 
 PRESETS = ("economy", "full")
@@ -152,7 +155,8 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-def _split(metrics: dict[str, Any]) -> tuple[dict[str, float], dict[str, Tensor]]:
+def split_metrics(metrics: dict[str, Any]) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """``(scalars, arrays)``: one-element values as floats, spectra and other arrays as tensors."""
     scalars, arrays = {}, {}
     for k, v in metrics.items():
         if isinstance(v, Tensor) and v.numel() != 1:
@@ -162,6 +166,9 @@ def _split(metrics: dict[str, Any]) -> tuple[dict[str, float], dict[str, Tensor]
         else:
             scalars[k] = float(v)
     return scalars, arrays
+
+
+_split = split_metrics
 
 
 class ListSink:
@@ -401,3 +408,12 @@ class Monitor:
         names = ", ".join(p.name for p in self.probes)
         budget = "none" if self.max_bytes is None else f"{self.max_bytes / 2**20:g} MiB"
         return f"Monitor(probes=[{names}], every={self.every}, budget={budget}, sinks={len(self.sinks)})"
+
+
+def __getattr__(name: str):
+    # the tracker sinks live in lmech.integrations.trackers and import their package when built
+    if name in ("WandbSink", "MLflowSink"):
+        from lmech.integrations import trackers
+
+        return getattr(trackers, name)
+    raise AttributeError(f"module 'lmech.monitor' has no attribute {name!r}")

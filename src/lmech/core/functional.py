@@ -46,6 +46,7 @@ import contextlib
 from typing import Callable, Sequence, Union
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, jacrev, vmap
 from torch.func import jvp as _func_jvp
@@ -332,9 +333,39 @@ def per_example_grads(
 
     in_dims = (None, 0, None if targets is None else 0)
     with differentiable_kernels():
-        return vmap(grad(one), in_dims=in_dims, chunk_size=chunk_size, randomness="different")(
-            fm.params, xs, targets
-        )
+        return per_example_map(grad(one), in_dims, (fm.params, xs, targets), chunk_size,
+                               "per-example gradients", fm.model)
+
+
+def _data_dependent(error: Exception) -> bool:
+    text = str(error)
+    return isinstance(error, RuntimeError) and "vmap" in text and (
+        "data-dependent control flow" in text or ".item()" in text)
+
+
+def per_example_map(fn: Callable, in_dims: tuple, args: tuple, chunk_size: int | None, what: str,
+                    model: nn.Module | None = None):
+    """``vmap(fn, in_dims)(*args)`` over the examples (dim 0 of the ``0`` entries); when ``vmap``
+    cannot batch the model's forward because it reads tensor values (data-dependent control flow,
+    e.g. Hugging Face's attention-mask shortcuts check ``attention_mask.all()``), the same
+    function one example at a time, stacked: the same numbers, slower, with a one-line warning."""
+    try:
+        return vmap(fn, in_dims=in_dims, chunk_size=chunk_size, randomness="different")(*args)
+    except RuntimeError as e:
+        if not _data_dependent(e):
+            raise
+        import warnings
+
+        name = type(getattr(model, "module", model)).__name__  # the user's module under a ModelCall
+        warnings.warn(f"vmap cannot batch {name}'s forward (it reads tensor values, e.g. an attention "
+                      f"mask check); {what} are computed one example at a time (slower). For speed "
+                      "drop the all-ones attention_mask or use attn_implementation='eager'", stacklevel=3)
+    b = pytree.tree_leaves([a for a, d in zip(args, in_dims) if d == 0])[0].shape[0]
+    rows = []
+    for i in range(b):
+        one = tuple(pytree.tree_map(lambda t: t[i], a) if d == 0 else a for a, d in zip(args, in_dims))
+        rows.append(fn(*one))
+    return pytree.tree_map(lambda *ts: torch.stack(ts), *rows)
 
 
 def jvp(

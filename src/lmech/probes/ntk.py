@@ -58,7 +58,7 @@ from torch.func import jacrev, vmap
 from torch.func import jvp as _func_jvp
 from torch.func import vjp as _func_vjp
 
-from lmech.core.functional import DEFAULT_MAX_BYTES, FunctionalModel, ParamSelector, unflatten
+from lmech.core.functional import DEFAULT_MAX_BYTES, FunctionalModel, ParamSelector, per_example_map, unflatten
 from lmech.core.linalg import check_memory
 from lmech.core.batch import Output, adapt_input_pair, tensor_output
 from lmech.probes.base import Cost, TrainState, differentiable_kernels, layer_groups, split_batch
@@ -159,7 +159,8 @@ def per_example_jacobian(
     check_memory(n * o * fm.numel * _itemsize(fm), max_bytes, f"per-example Jacobians ({n} x {o} x {fm.numel})",
                  "use fewer examples, a parameter subset (params=), or ntk(implementation='products')")
     with differentiable_kernels():
-        jac = vmap(jacrev(_single(fm)), in_dims=(None,) + (0,) * len(xs), chunk_size=chunk_size)(fm.params, *xs)
+        jac = per_example_map(jacrev(_single(fm)), (None,) + (0,) * len(xs), (fm.params, *xs), chunk_size,
+                              "per-example Jacobians", fm.model)
     if not flat:
         return jac
     return torch.cat([jac[nm].reshape(n, o, -1) for nm in fm.names], dim=2)
@@ -411,7 +412,10 @@ def _contract(J1: dict, J2: dict, w: dict | None, n1: int, n2: int, o: int, trac
 
 
 def _ntk_jacobian(fm, xs1, xs2, w, trace, chunk_size, block) -> Tensor:
-    jac_fn = vmap(jacrev(_single(fm)), in_dims=(None,) + (0,) * len(xs1), chunk_size=chunk_size)
+    def jac_fn(params, *xs):  # vmap over the examples (one at a time if the forward reads values)
+        return per_example_map(jacrev(_single(fm)), (None,) + (0,) * len(xs), (params, *xs), chunk_size,
+                               "per-example Jacobians", fm.model)
+
     o = math.prod(_out_shape(fm, xs1))
     n1 = xs1[0].shape[0]
     symmetric = xs2 is None
@@ -452,11 +456,12 @@ def _ntk_products(fm, xs1, xs2, w, trace, chunk_size, block) -> Tensor:
         return vmap(lambda e: pull(e)[0])(eye)
 
     def batch_jvp(tangent):  # J_1 t over the whole first batch: (n1, *o_shape)
-        return _func_jvp(lambda p: fm(p, *xs1), (fm.params,), (tangent,))[1]
+        return _func_jvp(lambda p: tensor_output(fm(p, *xs1), "the NTK"), (fm.params,), (tangent,))[1]
 
     cols = []
     for b0, b1 in _blocks(n2, block):
-        T = vmap(vjps, chunk_size=chunk_size)(*_slice(other, b0, b1))  # {name: (c, o, *shape)}
+        T = per_example_map(vjps, (0,) * len(other), _slice(other, b0, b1), chunk_size,
+                            "per-example VJPs", fm.model)  # {name: (c, o, *shape)}
         c = b1 - b0
         T = {nm: t.reshape(c * o, *fm.shapes[nm]) for nm, t in T.items()}
         if w is not None:

@@ -215,7 +215,9 @@ def _as_tuple(inputs: Inputs) -> tuple:
 def _prepare(model, params: ParamSelector, inputs, targets=None, output=None):
     """``(fm, xs, targets)`` in the canonical form of :func:`lmech.core.batch.adapt`: dict and
     nested inputs/targets, and the ``output=`` choice, handled in one place."""
-    model, (xs, targets) = adapt(model, (inputs, targets), output)
+    # a dict with no targets is a dict batch (model(**batch), loss_fn(output, batch)), as in adapt
+    batch = inputs if isinstance(inputs, dict) and targets is None else (inputs, targets)
+    model, (xs, targets) = adapt(model, batch, output)
     return _fmodel(model, params), _as_tuple(xs), targets
 
 
@@ -451,7 +453,7 @@ def hvp(
 
     with differentiable_kernels():
         _, hv = _func_jvp(grad(loss), (fm.params,), (v,))
-    return hv
+    return {n: hv[n] for n in fm.names}  # jvp returns the dict in key-sorted order
 
 
 def jacobian(

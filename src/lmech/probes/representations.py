@@ -337,7 +337,8 @@ def layer_features(model: nn.Module, inputs, layers: list[str] | None = None) ->
     ``layers`` defaults to every module that directly owns parameters (``nn.Linear``,
     ``nn.Conv*``, ``nn.Embedding``, norms, ...), in model order. Forward hooks are registered for
     one forward pass (under ``torch.no_grad``, model run as is) and removed. A module that returns
-    a tuple contributes its first tensor. ``inputs`` as in :func:`lmech.probes.ntk` (a tensor, a
+    a tuple contributes its first tensor; a module whose output does not have the examples along
+    dim 0 (one applied to position ids) is left out. ``inputs`` as in :func:`lmech.probes.ntk` (a tensor, a
     tuple or a dict of tensors).
 
     Example:
@@ -368,7 +369,10 @@ def layer_features(model: nn.Module, inputs, layers: list[str] | None = None) ->
     finally:
         for h in handles:
             h.remove()
-    return {n: feats[n] for n in layers if n in feats}
+    # a module applied to something other than the examples (BERT's position embeddings run on
+    # position ids of shape (1, T)) has no per-example representation: left out
+    n = xs[0].shape[0] if xs and isinstance(xs[0], Tensor) else None
+    return {name: feats[name] for name in layers if name in feats and (n is None or feats[name].shape[0] == n)}
 
 
 class RepresentationProbe:

@@ -92,9 +92,10 @@ def _map(value, fn):
     if isinstance(value, Tensor):
         return fn(value)
     if isinstance(value, ExampleDict):
-        return ExampleDict({k: _map(v, fn) for k, v in value.items()})
+        return _with_constants(ExampleDict({k: _map(v, fn) for k, v in value.items()}),
+                               getattr(value, "_constants", ()))
     if isinstance(value, ExampleTuple):
-        return ExampleTuple(_map(v, fn) for v in value)
+        return _with_constants(ExampleTuple(_map(v, fn) for v in value), getattr(value, "_constants", ()))
     if isinstance(value, dict):
         return type(value)({k: _map(v, fn) for k, v in value.items()}) if type(value) is not dict \
             else {k: _map(v, fn) for k, v in value.items()}
@@ -142,21 +143,46 @@ class ExampleTuple(_Examples, tuple):
         return tuple.__getitem__(self, key)
 
 
+def _is_data(v) -> bool:
+    """Tensors and containers are pytree children; other values (ints, strings) are constants."""
+    return isinstance(v, (Tensor, dict, tuple, list)) or v is None
+
+
+def _with_constants(obj, constants):
+    obj._constants = frozenset(constants)  # fixed when built: flattening must not look at values
+    return obj
+
+
 def _dict_flatten(d):
-    keys = list(d.keys())
-    return [dict.__getitem__(d, k) for k in keys], keys
+    keys = tuple(d.keys())
+    consts = getattr(d, "_constants", None)
+    if consts is None:  # built directly: its non-tensor entries are the constants
+        consts = {k for k in keys if not _is_data(dict.__getitem__(d, k))}
+    data = tuple(k for k in keys if k not in consts)
+    constants = tuple((k, dict.__getitem__(d, k)) for k in keys if k in consts)
+    return [dict.__getitem__(d, k) for k in data], (keys, data, constants)
 
 
-def _dict_unflatten(values, keys):
-    return ExampleDict(zip(keys, values))
+def _dict_unflatten(values, context):
+    keys, data, constants = context
+    found = {**dict(zip(data, values)), **dict(constants)}
+    return _with_constants(ExampleDict((k, found[k]) for k in keys), (k for k, _ in constants))
 
 
 def _tuple_flatten(t):
-    return [tuple.__getitem__(t, i) for i in range(len(t))], None
+    n = len(t)
+    consts = getattr(t, "_constants", None)
+    if consts is None:
+        consts = {i for i in range(n) if not _is_data(tuple.__getitem__(t, i))}
+    data = tuple(i for i in range(n) if i not in consts)
+    constants = tuple((i, tuple.__getitem__(t, i)) for i in range(n) if i in consts)
+    return [tuple.__getitem__(t, i) for i in data], (n, data, constants)
 
 
-def _tuple_unflatten(values, _context):
-    return ExampleTuple(values)
+def _tuple_unflatten(values, context):
+    n, data, constants = context
+    found = {**dict(zip(data, values)), **dict(constants)}
+    return _with_constants(ExampleTuple(found[i] for i in range(n)), (i for i, _ in constants))
 
 
 pytree.register_pytree_node(ExampleDict, _dict_flatten, _dict_unflatten,
@@ -166,14 +192,16 @@ pytree.register_pytree_node(ExampleTuple, _tuple_flatten, _tuple_unflatten,
 
 
 def _as_examples(value):
-    """Targets in the canonical form: tensors and ``None`` unchanged, tuples/dicts wrapped."""
+    """Targets in the canonical form: tensors and ``None`` unchanged, tuples/dicts wrapped (their
+    non-tensor entries kept as constants, not mapped over)."""
     if value is None or isinstance(value, (Tensor, _Examples)):
         return value
     if isinstance(value, dict):
-        return ExampleDict({k: _as_examples(v) if isinstance(v, (dict, tuple, list)) else v
-                            for k, v in value.items()})
+        d = ExampleDict({k: _as_examples(v) if isinstance(v, (dict, tuple, list)) else v for k, v in value.items()})
+        return _with_constants(d, (k for k, v in d.items() if not _is_data(v)))
     if isinstance(value, (tuple, list)):
-        return ExampleTuple(_as_examples(v) if isinstance(v, (dict, tuple, list)) else v for v in value)
+        t = ExampleTuple(_as_examples(v) if isinstance(v, (dict, tuple, list)) else v for v in value)
+        return _with_constants(t, (i for i, v in enumerate(t) if not _is_data(v)))
     return value
 
 

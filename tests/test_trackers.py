@@ -6,6 +6,7 @@ from __future__ import annotations
 import glob
 import json
 import struct
+import time
 
 import pytest
 import torch
@@ -69,11 +70,17 @@ def test_wandb_sink_offline_run_read_back(tmp_path, monkeypatch):
     assert sink.run is wandb.run
     written = monitored_run(sink)
     [path] = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
-    history = {}
-    for r in read_wandb_records(path):
-        if r.WhichOneof("record_type") == "history":
-            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
-            history[r.history.step.num] = items
+    history: dict = {}
+    deadline = time.monotonic() + 30
+    while True:  # wandb-core may still be writing the log when finish() returns on a loaded machine
+        history = {}
+        for r in read_wandb_records(path):
+            if r.WhichOneof("record_type") == "history":
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+                history[r.history.step.num] = items
+        if len(history) >= 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
     assert sorted(history) == [0, 10, 20]  # the training step is the W&B step axis
     for step, metrics in written.items():
         got = history[step]

@@ -50,6 +50,8 @@ def read_wandb_records(path):
             pos += left
             continue
         chunk = data[pos + 7:pos + 7 + n]
+        if len(chunk) < n:  # a record still being written
+            break
         pos += 7 + n
         buf = chunk if kind in (1, 2) else buf + chunk  # full/first start a record; middle/last extend
         if kind in (1, 4):

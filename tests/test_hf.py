@@ -73,3 +73,32 @@ def test_output_of_wrapper_shares_parameters():
     assert all(a is b for a, b in zip(wrapped.parameters(), model.parameters()))
     ids = torch.randint(0, VOCAB, (2, SEQ))
     assert torch.equal(wrapped(ids), model(ids).logits)
+
+
+def test_trainer_callback_forwards_to_trainer_log_with_a_dict_batch(tmp_path):
+    cfg = transformers.GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=8, n_layer=1, n_head=2,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(cfg)
+    ids = torch.randint(0, VOCAB, (32, SEQ), generator=torch.Generator().manual_seed(1))
+    # the probe batch as a data collator builds it; loss_fn gets the dict as its targets
+    probe = {"input_ids": ids[:8], "attention_mask": torch.ones(8, SEQ, dtype=torch.long)}
+    cb = MonitorCallback(lambda logits, b: lm_loss(logits, b["input_ids"]), probe, every=2)
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=8, learning_rate=1e-2,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Tokens(ids))
+    assert cb.attach(trainer) is cb and cb in trainer.callback_handler.callbacks
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.train()
+    logged = [h for h in trainer.state.log_history if "sharpness/lambda_1" in h]
+    assert [h["step"] for h in logged] == [0, 2, 4]  # the trainer's global step
+    for h, (step, metrics) in zip(logged, cb.monitor.history.records):
+        assert h["probe/loss"] == metrics["probe/loss"]
+    model.eval()
+    with torch.no_grad():
+        own = model(ids[:8], labels=ids[:8]).loss
+    assert logged[-1]["probe/loss"] == pytest.approx(float(own), rel=1e-5)
+    # parameter names are the model's own (no wrapper prefix)
+    assert any(k.startswith("gradnoise/snr/transformer.") for k in logged[-1])

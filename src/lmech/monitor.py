@@ -98,6 +98,7 @@ import torch
 from torch import Tensor, nn
 
 from lmech.core.distributed import DEFAULT_TIMEOUT_S, CollectiveError, is_fsdp, resolve, unwrap
+from lmech.core.batch import Output, adapt
 from lmech.core.functional import ParamSelector
 from lmech.core.threads import blas_threads
 from lmech.probes.base import Cost, Probe, TrainState, split_batch
@@ -112,6 +113,9 @@ __all__ = [
     "ListSink",
     "RunSink",
     "TensorBoardSink",
+    "WandbSink",
+    "MLflowSink",
+    "split_metrics",
 ]
 
 PRESETS = ("economy", "full")
@@ -188,7 +192,8 @@ class Sink(Protocol):
     def close(self) -> None: ...
 
 
-def _split(metrics: dict[str, Any]) -> tuple[dict[str, float], dict[str, Tensor]]:
+def split_metrics(metrics: dict[str, Any]) -> tuple[dict[str, float], dict[str, Tensor]]:
+    """``(scalars, arrays)``: one-element values as floats, spectra and other arrays as tensors."""
     scalars, arrays = {}, {}
     for k, v in metrics.items():
         if isinstance(v, Tensor) and v.numel() != 1:
@@ -198,6 +203,9 @@ def _split(metrics: dict[str, Any]) -> tuple[dict[str, float], dict[str, Tensor]
         else:
             scalars[k] = float(v)
     return scalars, arrays
+
+
+_split = split_metrics
 
 
 class ListSink:
@@ -331,6 +339,13 @@ class Monitor:
         timeout_s: collective timeout of a distributed measurement: a rank that fails (or
             stops) makes the others raise :class:`lmech.core.distributed.CollectiveError`
             within about this time instead of waiting forever.
+        output: what ``loss_fn`` and the probes see of the model's output: ``None`` (as it is),
+            a field name (``"logits"`` of a Hugging Face ``ModelOutput``), an index (a tuple
+            output) or a callable.
+
+    ``probe_batch`` may also be a dict (``model(**batch)``, the dict itself passed to
+    ``loss_fn`` as the targets, the way Hugging Face collators build batches), and its inputs a
+    dict or nested tuples/dicts of tensors, examples along dim 0 (:mod:`lmech.core.batch`).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
@@ -357,11 +372,14 @@ class Monitor:
         on_error: Literal["raise", "warn"] = "raise",
         group="auto",
         timeout_s: float = DEFAULT_TIMEOUT_S,
+        output: Output = None,
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"Monitor needs an nn.Module, got {type(model).__name__}")
         model = unwrap(model)  # DDP: probes run on .module (no double backward through DDP's hooks)
-        split_batch(probe_batch)  # validates the shape of the batch now, not at step 100
+        # dict/nested batches and output= handled once (lmech.core.batch); validated now, not at step 100
+        self._probe_model, self._probe_batch = adapt(model, probe_batch, output)
+        split_batch(self._probe_batch)
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
         if budget_mb is not None and budget_mb <= 0:
@@ -407,8 +425,8 @@ class Monitor:
         modes = [(m, m.training) for m in self.model.modules()]
         self.model.eval()
         if self.dist is not None and self.dist.known is None:  # the probe batch's shard sizes, once
-            self.dist = self.dist.bound(self.dist.counts(split_batch(self.probe_batch)[0][0].shape[0]))
-        state = TrainState(self.model, self.loss_fn, self.probe_batch, int(step), optimizer,
+            self.dist = self.dist.bound(self.dist.counts(split_batch(self._probe_batch)[0][0].shape[0]))
+        state = TrainState(self._probe_model, self.loss_fn, self._probe_batch, int(step), optimizer,
                            self.params, self.max_bytes, dist=self.dist)
         metrics: dict[str, float | Tensor] = {}
         seconds: list[float] = []
@@ -452,7 +470,7 @@ class Monitor:
         if self.dist is None or getattr(probe, "shards", False):
             return state
         if self._global_batch is None:
-            self._global_batch = self.dist.gather_batch(self.probe_batch)
+            self._global_batch = self.dist.gather_batch(self._probe_batch)
         return TrainState(state.model, state.loss_fn, self._global_batch, state.step, state.optimizer,
                           state.params, state.max_bytes, state.cache, dist=None)
 
@@ -515,3 +533,12 @@ class Monitor:
         names = ", ".join(p.name for p in self.probes)
         budget = "none" if self.max_bytes is None else f"{self.max_bytes / 2**20:g} MiB"
         return f"Monitor(probes=[{names}], every={self.every}, budget={budget}, sinks={len(self.sinks)})"
+
+
+def __getattr__(name: str):
+    # the tracker sinks live in lmech.integrations.trackers and import their package when built
+    if name in ("WandbSink", "MLflowSink"):
+        from lmech.integrations import trackers
+
+        return getattr(trackers, name)
+    raise AttributeError(f"module 'lmech.monitor' has no attribute {name!r}")

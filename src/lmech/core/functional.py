@@ -19,7 +19,11 @@ Conventions shared by every function here:
 * ``model`` may be an ``nn.Module`` (parameters selected with ``params``) or a
   :class:`FunctionalModel` (its own selection and its ``params`` values are used; ``params``
   must then be ``None``).
-* ``inputs`` is a tensor, or a tuple of tensors passed as positional arguments.
+* ``inputs`` is a tensor, a tuple of tensors passed as positional arguments, or a dict passed
+  as keyword arguments (``model(**inputs)``), entries possibly nested; ``targets`` a tensor,
+  ``None`` or a tuple/dict of tensors; examples along dim 0 of every tensor. ``output=`` (a field
+  name, an index or a callable) picks the tensor of a model that returns a ``ModelOutput``, a
+  dict or a tuple. Both are handled by :func:`lmech.core.batch.adapt`.
 * The module runs *as it is*: the functions never call ``train()``/``eval()``, never write to
   parameters or buffers (a module in training mode updates running statistics on copies), and
   draw no random numbers themselves. Put the model in ``eval()`` first for deterministic,
@@ -42,10 +46,13 @@ import contextlib
 from typing import Callable, Sequence, Union
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 from torch.func import functional_call, grad, grad_and_value, jacrev, vmap
 from torch.func import jvp as _func_jvp
 from torch.func import vjp as _func_vjp
+
+from lmech.core.batch import Output, adapt, tensor_output
 
 __all__ = [
     "ParamSelector",
@@ -205,6 +212,15 @@ def _as_tuple(inputs: Inputs) -> tuple:
     return inputs if isinstance(inputs, tuple) else (inputs,)
 
 
+def _prepare(model, params: ParamSelector, inputs, targets=None, output=None):
+    """``(fm, xs, targets)`` in the canonical form of :func:`lmech.core.batch.adapt`: dict and
+    nested inputs/targets, and the ``output=`` choice, handled in one place."""
+    # a dict with no targets is a dict batch (model(**batch), loss_fn(output, batch)), as in adapt
+    batch = inputs if isinstance(inputs, dict) and targets is None else (inputs, targets)
+    model, (xs, targets) = adapt(model, batch, output)
+    return _fmodel(model, params), _as_tuple(xs), targets
+
+
 def _match_keys(tree: dict, fm: FunctionalModel, what: str) -> dict:
     if set(tree) != set(fm.names):
         missing = [n for n in fm.names if n not in tree]
@@ -250,7 +266,8 @@ def differentiable_kernels():
 
 
 def loss_and_grad(
-    model, loss_fn: Callable, inputs: Inputs, targets, params: ParamSelector = None
+    model, loss_fn: Callable, inputs: Inputs, targets, params: ParamSelector = None, *,
+    output: Output = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     r"""Loss and its gradient, :math:`(L(w),\ \nabla_w L(w))`, with
     :math:`L(w) = \texttt{loss\_fn}(f(X; w), Y)`.
@@ -264,8 +281,7 @@ def loss_and_grad(
         >>> loss.shape, g["0.weight"].shape
         (torch.Size([]), torch.Size([4, 3]))
     """
-    fm = _fmodel(model, params)
-    xs = _as_tuple(inputs)
+    fm, xs, targets = _prepare(model, params, inputs, targets, output)
 
     def loss(p):
         return loss_fn(fm(p, *xs), targets)
@@ -283,6 +299,7 @@ def per_example_grads(
     chunk_size: int | None = None,
     *,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
+    output: Output = None,
 ) -> dict[str, Tensor]:
     r"""Per-example gradients :math:`g_i = \nabla_w\, \ell(f(x_i; w), y_i)`, :math:`i = 1..b`.
 
@@ -306,8 +323,7 @@ def per_example_grads(
         >>> torch.allclose(g["0.weight"].mean(0), full["0.weight"], atol=1e-6)
         True
     """
-    fm = _fmodel(model, params)
-    xs = _as_tuple(inputs)
+    fm, xs, targets = _prepare(model, params, inputs, targets, output)
     b = xs[0].shape[0]
     itemsize = max((p.element_size() for p in fm.params.values()), default=4)
     _check_bytes(b * fm.numel * itemsize, max_bytes, "per-example gradients")
@@ -319,13 +335,44 @@ def per_example_grads(
 
     in_dims = (None, 0, None if targets is None else 0)
     with differentiable_kernels():
-        return vmap(grad(one), in_dims=in_dims, chunk_size=chunk_size, randomness="different")(
-            fm.params, xs, targets
-        )
+        return per_example_map(grad(one), in_dims, (fm.params, xs, targets), chunk_size,
+                               "per-example gradients", fm.model)
+
+
+def _data_dependent(error: Exception) -> bool:
+    text = str(error)
+    return isinstance(error, RuntimeError) and "vmap" in text and (
+        "data-dependent control flow" in text or ".item()" in text)
+
+
+def per_example_map(fn: Callable, in_dims: tuple, args: tuple, chunk_size: int | None, what: str,
+                    model: nn.Module | None = None):
+    """``vmap(fn, in_dims)(*args)`` over the examples (dim 0 of the ``0`` entries); when ``vmap``
+    cannot batch the model's forward because it reads tensor values (data-dependent control flow,
+    e.g. Hugging Face's attention-mask shortcuts check ``attention_mask.all()``), the same
+    function one example at a time, stacked: the same numbers, slower, with a one-line warning."""
+    try:
+        return vmap(fn, in_dims=in_dims, chunk_size=chunk_size, randomness="different")(*args)
+    except RuntimeError as e:
+        if not _data_dependent(e):
+            raise
+        import warnings
+
+        name = type(getattr(model, "module", model)).__name__  # the user's module under a ModelCall
+        warnings.warn(f"vmap cannot batch {name}'s forward (it reads tensor values, e.g. an attention "
+                      f"mask check); {what} are computed one example at a time (slower). For speed "
+                      "drop the all-ones attention_mask or use attn_implementation='eager'", stacklevel=3)
+    b = pytree.tree_leaves([a for a, d in zip(args, in_dims) if d == 0])[0].shape[0]
+    rows = []
+    for i in range(b):
+        one = tuple(pytree.tree_map(lambda t: t[i], a) if d == 0 else a for a, d in zip(args, in_dims))
+        rows.append(fn(*one))
+    return pytree.tree_map(lambda *ts: torch.stack(ts), *rows)
 
 
 def jvp(
-    model, inputs: Inputs, tangents: dict[str, Tensor], params: ParamSelector = None
+    model, inputs: Inputs, tangents: dict[str, Tensor], params: ParamSelector = None, *,
+    output: Output = None,
 ) -> tuple[Tensor, Tensor]:
     r"""Jacobian-vector product (forward mode): :math:`(f(X; w),\ J v)` with
     :math:`J v = \frac{d}{d\epsilon} f(X; w + \epsilon v)\big|_{\epsilon=0}`.
@@ -341,15 +388,15 @@ def jvp(
         >>> out.shape == jv.shape == (5, 2)
         True
     """
-    fm = _fmodel(model, params)
-    xs = _as_tuple(inputs)
+    fm, xs, _ = _prepare(model, params, inputs, None, output)
     v = _match_keys(tangents, fm, "tangents")
     with differentiable_kernels():
-        return _func_jvp(lambda p: fm(p, *xs), (fm.params,), (v,))
+        return _func_jvp(lambda p: tensor_output(fm(p, *xs), "jvp"), (fm.params,), (v,))
 
 
 def vjp(
-    model, inputs: Inputs, cotangent: Tensor, params: ParamSelector = None
+    model, inputs: Inputs, cotangent: Tensor, params: ParamSelector = None, *,
+    output: Output = None,
 ) -> dict[str, Tensor]:
     r"""Vector-Jacobian product (reverse mode): :math:`J^\top u`, i.e.
     :math:`\nabla_w \langle u, f(X; w) \rangle` with the sum over every output entry.
@@ -364,9 +411,8 @@ def vjp(
         >>> g["2.bias"]
         tensor([5., 5.])
     """
-    fm = _fmodel(model, params)
-    xs = _as_tuple(inputs)
-    _, pullback = _func_vjp(lambda p: fm(p, *xs), fm.params)
+    fm, xs, _ = _prepare(model, params, inputs, None, output)
+    _, pullback = _func_vjp(lambda p: tensor_output(fm(p, *xs), "vjp"), fm.params)
     (g,) = pullback(cotangent)
     return g
 
@@ -378,6 +424,8 @@ def hvp(
     targets,
     vectors: dict[str, Tensor],
     params: ParamSelector = None,
+    *,
+    output: Output = None,
 ) -> dict[str, Tensor]:
     r"""Hessian-vector product of the loss, :math:`H v = \frac{d}{d\epsilon}
     \nabla_w L(w + \epsilon v)\big|_{\epsilon=0}` with :math:`L(w) = \texttt{loss\_fn}(f(X; w), Y)`.
@@ -397,8 +445,7 @@ def hvp(
         >>> vHv.shape
         torch.Size([])
     """
-    fm = _fmodel(model, params)
-    xs = _as_tuple(inputs)
+    fm, xs, targets = _prepare(model, params, inputs, targets, output)
     v = _match_keys(vectors, fm, "vectors")
 
     def loss(p):
@@ -406,7 +453,7 @@ def hvp(
 
     with differentiable_kernels():
         _, hv = _func_jvp(grad(loss), (fm.params,), (v,))
-    return hv
+    return {n: hv[n] for n in fm.names}  # jvp returns the dict in key-sorted order
 
 
 def jacobian(
@@ -416,6 +463,7 @@ def jacobian(
     chunk_size: int | None = None,
     *,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
+    output: Output = None,
 ) -> dict[str, Tensor]:
     r"""Output-parameter Jacobian :math:`J = \partial f(X; w) / \partial w`, materialized.
 
@@ -436,16 +484,15 @@ def jacobian(
         >>> ntk.shape
         torch.Size([10, 10])
     """
-    fm = _fmodel(model, params)
-    xs = _as_tuple(inputs)
+    fm, xs, _ = _prepare(model, params, inputs, None, output)
     if max_bytes is not None:
         with torch.no_grad():
-            out = fm(fm.params, *xs)
+            out = tensor_output(fm(fm.params, *xs), "jacobian")
         itemsize = max((p.element_size() for p in fm.params.values()), default=4)
         _check_bytes(out.numel() * fm.numel * itemsize, max_bytes, "the Jacobian")
         del out
     with differentiable_kernels():
-        return jacrev(lambda p: fm(p, *xs), chunk_size=chunk_size)(fm.params)
+        return jacrev(lambda p: tensor_output(fm(p, *xs), "jacobian"), chunk_size=chunk_size)(fm.params)
 
 
 # --------------------------------------------------------------------------------------------

@@ -368,7 +368,8 @@ def hutchpp_trace(
     G = torch.stack([_rademacher(dim, gen, dtype, device) for _ in range(s)], dim=1)
     AS = torch.stack([matvec(S[:, i]).reshape(-1).to(dtype) for i in range(s)], dim=1)
     Q, _ = torch.linalg.qr(AS)
-    exact = sum(float(torch.dot(Q[:, i], matvec(Q[:, i]).reshape(-1).to(dtype))) for i in range(s))
+    # Q has min(s, dim) columns: with s >= dim the sketch spans everything (exact; was an IndexError)
+    exact = sum(float(torch.dot(Q[:, i], matvec(Q[:, i]).reshape(-1).to(dtype))) for i in range(Q.shape[1]))
     G = G - Q @ (Q.T @ G)
     terms = torch.tensor(
         [float(torch.dot(G[:, i], matvec(G[:, i]).reshape(-1).to(dtype))) for i in range(s)],

@@ -17,6 +17,7 @@ from typing import Any, Callable, Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
+from lmech.core.batch import _Examples
 from lmech.core.functional import (
     DEFAULT_MAX_BYTES,
     FunctionalModel,
@@ -38,7 +39,11 @@ class TrainState:
     Attributes:
         model: the module being trained (probes must not change it).
         loss_fn: ``loss_fn(outputs, targets) -> scalar`` (the training loss, e.g. mean reduced).
-        batch: the fixed probe batch ``(inputs, targets)``; ``inputs`` a tensor or tuple.
+        batch: the fixed probe batch ``(inputs, targets)`` in the canonical form of
+            :func:`lmech.core.batch.adapt`: ``inputs`` a tensor or a flat tuple of tensors that
+            ``model`` takes positionally (the Monitor adapts dict/nested batches and ``output=``
+            once, so ``model`` may be a :class:`lmech.core.batch.ModelCall` view of the user's
+            module, with the same parameter names and tensors).
         step: the training step of this measurement.
         optimizer: the training optimizer, if given (read only; e.g. Adam's preconditioner).
         params: parameter selector (see :data:`lmech.core.ParamSelector`) for the global metrics.
@@ -106,7 +111,8 @@ def split_batch(batch) -> tuple[tuple, Any]:
     inputs, targets = batch
     inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     if not inputs or not all(isinstance(x, Tensor) for x in inputs):
-        raise ValueError("batch inputs must be a tensor or a non-empty tuple of tensors")
+        raise ValueError("batch inputs must be a tensor or a non-empty tuple of tensors here; dict and "
+                         "nested batches go through lmech.core.batch.adapt first (as every lmech probe does)")
     return inputs, targets
 
 
@@ -117,5 +123,5 @@ def subsample(batch, n: int | None) -> tuple:
     if n is None or n >= inputs[0].shape[0]:
         return batch
     xs = tuple(x[:n] for x in inputs)
-    ys = targets[:n] if isinstance(targets, Tensor) else targets
+    ys = targets[:n] if isinstance(targets, (Tensor, _Examples)) else targets
     return (xs if len(xs) > 1 else xs[0], ys)

@@ -105,6 +105,7 @@ from lmech.core.functional import (
     per_example_grads,
 )
 from lmech.errors import MemoryBudgetError
+from lmech.core.batch import Output, adapt
 from lmech.probes.base import Cost, TrainState, layer_groups, split_batch, subsample
 from lmech.probes.precision import full_precision
 
@@ -606,6 +607,7 @@ def grad_noise(
     summaries: bool = True,
     precision: str = "float64",
     group=None,
+    output: Output = None,
 ) -> GradNoise:
     r"""Gradient noise statistics of ``loss_fn`` on ``batch`` (module docstring).
 
@@ -615,7 +617,8 @@ def grad_noise(
             :class:`lmech.core.FunctionalModel`. A ``DistributedDataParallel`` wrapper is
             unwrapped (its ``.module`` is measured).
         loss_fn: the training loss; each example is evaluated as a batch of one.
-        batch: ``(inputs, targets)`` with :math:`b \ge 3` examples (over all ranks).
+        batch: ``(inputs, targets)`` or a dict (``model(**batch)``), :math:`b \ge 3` examples
+            along dim 0 over all ranks (forms in :mod:`lmech.core.batch`).
         params: parameter subset.
         groups: ``label -> parameter names`` (default: one group per layer).
         chunk_size: examples per ``vmap`` call inside a chunk (``"vmap"``).
@@ -641,6 +644,8 @@ def grad_noise(
             global batch, the shards concatenated in rank order (sufficient statistics combined
             by all-reduce, module docstring; every rank returns the same values and must call
             this together).
+        output: what ``loss_fn`` sees of the model's output (a field name, an index or a
+            callable; :mod:`lmech.core.batch`).
 
     Example:
         >>> from torch import nn
@@ -654,6 +659,9 @@ def grad_noise(
     """
     from lmech.core.distributed import Distributed, resolve, unwrap
 
+    if not isinstance(model, FunctionalModel):
+        model = unwrap(model)  # DDP: measure .module (before output=/dict batches wrap it)
+    model, batch = adapt(model, batch, output)  # dict/nested batches, output= (lmech.core.batch)
     inputs, targets = split_batch(batch)
     if isinstance(model, FunctionalModel):
         if params is not None:

@@ -170,6 +170,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lmech.core.batch import Output, adapt_input_pair
 from lmech.core.functional import DEFAULT_MAX_BYTES, FunctionalModel, ParamSelector, flatten
 from lmech.core.linalg import check_memory
 from lmech.probes.base import Cost, TrainState
@@ -821,6 +822,8 @@ class PathRecorder:
         window: if set, a second window restarts every ``window`` recorded steps
             (:attr:`window_path`), for the operators of the recent past (grokking).
         chunk_size: examples vectorized at once in the Jacobian (``None``: all).
+        output: the tensor the recorder sees of a model returning a ``ModelOutput``/dict/tuple (a
+            field name, an index or a callable); inputs may be dicts (:mod:`lmech.core.batch`).
 
     Devices: the Jacobians and parameter-space buffers stay on the model's device; the output-space
     operators (:math:`N\times N`, float64) and the readouts live on the CPU.
@@ -835,7 +838,7 @@ class PathRecorder:
                  optimizer: torch.optim.Optimizer | None = None, params: ParamSelector = None,
                  y_clean: Tensor | None = None, loss_scale: float = 1.0, alpha: float = 1.0,
                  max_bytes: int | None = DEFAULT_MAX_BYTES, window: int | None = None,
-                 chunk_size: int | None = None):
+                 chunk_size: int | None = None, output: Output = None):
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         if not (loss_scale > 0 and math.isfinite(loss_scale)):
@@ -847,10 +850,9 @@ class PathRecorder:
         self.model, self.loss, self.optimizer, self.params = model, loss, optimizer, params
         self.loss_scale, self.alpha, self.max_bytes = float(loss_scale), float(alpha), max_bytes
         self.window, self.chunk_size = window, chunk_size
-        self.xs_S = x_train if isinstance(x_train, tuple) else (x_train,)
-        self.xs_Q = x_query if isinstance(x_query, tuple) else (x_query,)
-        if len(self.xs_Q) != len(self.xs_S):
-            raise ValueError("x_train and x_query must have the same structure (a tensor each, or tuples of equal length)")
+        # dict/nested inputs and output= (lmech.core.batch): the model takes flat tensor tuples
+        model, self.xs_S, self.xs_Q = adapt_input_pair(model, x_train, x_query, output)
+        self.model = model
         self.xs_all = tuple(torch.cat([a, b]) for a, b in zip(self.xs_S, self.xs_Q))
         self.fm = FunctionalModel(model, params)
         self.n = int(self.xs_S[0].shape[0])

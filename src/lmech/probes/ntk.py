@@ -58,8 +58,9 @@ from torch.func import jacrev, vmap
 from torch.func import jvp as _func_jvp
 from torch.func import vjp as _func_vjp
 
-from lmech.core.functional import DEFAULT_MAX_BYTES, FunctionalModel, ParamSelector, unflatten
+from lmech.core.functional import DEFAULT_MAX_BYTES, FunctionalModel, ParamSelector, per_example_map, unflatten
 from lmech.core.linalg import check_memory
+from lmech.core.batch import Output, adapt_input_pair, tensor_output
 from lmech.probes.base import Cost, TrainState, differentiable_kernels, layer_groups, split_batch
 from lmech.probes.precision import full_precision
 
@@ -98,6 +99,12 @@ def _as_tuple(x: Inputs) -> tuple:
     return xs
 
 
+def _prepare(model, params, x, x2=None, output: Output = None):
+    """``(fm, xs1, xs2)``: dict/nested inputs and ``output=`` through :mod:`lmech.core.batch`."""
+    model, xs1, xs2 = adapt_input_pair(model, x, x2, output)
+    return _fmodel(model, params), _as_tuple(xs1), None if xs2 is None else _as_tuple(xs2)
+
+
 def _check_eval_mode(fm: FunctionalModel) -> None:
     for m in fm._modules:
         if m.training and isinstance(m, nn.modules.batchnorm._BatchNorm):
@@ -111,7 +118,7 @@ def _check_eval_mode(fm: FunctionalModel) -> None:
 def _single(fm: FunctionalModel):
     """(params, *one-example inputs) -> output of that example (batch of one, squeezed)."""
     def f(p, *xs_i):
-        return fm(p, *(x.unsqueeze(0) for x in xs_i)).squeeze(0)
+        return tensor_output(fm(p, *(x.unsqueeze(0) for x in xs_i)), "the NTK").squeeze(0)
     return f
 
 
@@ -132,6 +139,7 @@ def per_example_jacobian(
     flat: bool = True,
     chunk_size: int | None = None,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
+    output: Output = None,
 ) -> Tensor | dict[str, Tensor]:
     r"""Per-example Jacobians :math:`J_i = \partial f(x_i; w)/\partial w`.
 
@@ -145,15 +153,15 @@ def per_example_jacobian(
         >>> per_example_jacobian(net, torch.randn(5, 3)).shape
         torch.Size([5, 2, 26])
     """
-    fm = _fmodel(model, params)
-    xs = _as_tuple(x)
+    fm, xs, _ = _prepare(model, params, x, None, output)
     out_shape = _out_shape(fm, xs)
     o = math.prod(out_shape)
     n = xs[0].shape[0]
     check_memory(n * o * fm.numel * _itemsize(fm), max_bytes, f"per-example Jacobians ({n} x {o} x {fm.numel})",
                  "use fewer examples, a parameter subset (params=), or ntk(implementation='products')")
     with differentiable_kernels():
-        jac = vmap(jacrev(_single(fm)), in_dims=(None,) + (0,) * len(xs), chunk_size=chunk_size)(fm.params, *xs)
+        jac = per_example_map(jacrev(_single(fm)), (None,) + (0,) * len(xs), (fm.params, *xs), chunk_size,
+                              "per-example Jacobians", fm.model)
     if not flat:
         return jac
     return torch.cat([jac[nm].reshape(n, o, -1) for nm in fm.names], dim=2)
@@ -225,6 +233,8 @@ def ntk_cost(
     params: ParamSelector = None,
     trace_outputs: bool = False,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
+    *,
+    output: Output = None,
 ) -> NTKCost:
     r"""The cost model of :func:`ntk`, evaluated for these inputs.
 
@@ -246,9 +256,7 @@ def ntk_cost(
         >>> ntk_cost(net, torch.randn(32, 10)).choice   # one output: contraction is cheap
         'jacobian'
     """
-    fm = _fmodel(model, params)
-    xs1 = _as_tuple(x)
-    xs2 = None if x2 is None else _as_tuple(x2)
+    fm, xs1, xs2 = _prepare(model, params, x, x2, output)
     o = math.prod(_out_shape(fm, xs1))
     n1 = xs1[0].shape[0]
     n2 = n1 if xs2 is None else xs2[0].shape[0]
@@ -321,13 +329,15 @@ def ntk(
     weights: dict[str, Tensor] | Tensor | None = None,
     chunk_size: int | None = None,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
+    output: Output = None,
 ) -> Tensor:
     r"""Empirical NTK :math:`\Theta(x, x_2) = J(x)\,M\,J(x_2)^\top` (module docstring).
 
     Args:
         model: ``nn.Module`` (run as is; ``eval()`` it first) or
             :class:`lmech.core.FunctionalModel`.
-        x: inputs, a tensor or tuple of tensors with the examples along dim 0 (token ids fine).
+        x: inputs with the examples along dim 0 (token ids fine): a tensor, a tuple of tensors
+            (``model(*x)``) or a dict (``model(**x)``), possibly nested (:mod:`lmech.core.batch`).
         implementation: ``"jacobian"``, ``"products"`` or ``"auto"`` (cost model, :func:`ntk_cost`).
         params: parameter subset (the kernel of those parameters: a per-layer NTK).
         trace_outputs: sum over output entries, returning ``(n1, n2)``.
@@ -340,6 +350,8 @@ def ntk(
         max_bytes: budget for the kernel plus the working memory; above it the computation is
             blocked, and refused (:class:`lmech.core.MemoryBudgetError`) if even one example
             does not fit.
+        output: the tensor the kernel is of, for a model that returns a ``ModelOutput``, a dict
+            or a tuple: a field name (``"logits"``), an index or a callable.
 
     Returns:
         ``(n1 * o, n2 * o)`` (example-major) or ``(n1, n2)`` when ``trace_outputs``.
@@ -355,10 +367,8 @@ def ntk(
     """
     if implementation not in ("jacobian", "products", "auto"):
         raise ValueError(f"implementation must be 'jacobian', 'products' or 'auto', got {implementation!r}")
-    fm = _fmodel(model, params)
+    fm, xs1, xs2 = _prepare(model, params, x, x2, output)
     _check_eval_mode(fm)
-    xs1 = _as_tuple(x)
-    xs2 = None if x2 is None else _as_tuple(x2)
     w = _flat_weights(weights, fm)
     cost = ntk_cost(fm, xs1, xs2, None, trace_outputs, max_bytes)
     check_memory(cost.kernel_bytes, max_bytes,
@@ -404,7 +414,10 @@ def _contract(J1: dict, J2: dict, w: dict | None, n1: int, n2: int, o: int, trac
 
 
 def _ntk_jacobian(fm, xs1, xs2, w, trace, chunk_size, block) -> Tensor:
-    jac_fn = vmap(jacrev(_single(fm)), in_dims=(None,) + (0,) * len(xs1), chunk_size=chunk_size)
+    def jac_fn(params, *xs):  # vmap over the examples (one at a time if the forward reads values)
+        return per_example_map(jacrev(_single(fm)), (None,) + (0,) * len(xs), (params, *xs), chunk_size,
+                               "per-example Jacobians", fm.model)
+
     o = math.prod(_out_shape(fm, xs1))
     n1 = xs1[0].shape[0]
     symmetric = xs2 is None
@@ -446,11 +459,12 @@ def _ntk_products(fm, xs1, xs2, w, trace, chunk_size, block) -> Tensor:
         return vmap(lambda e: pull(e)[0])(eye)
 
     def batch_jvp(tangent):  # J_1 t over the whole first batch: (n1, *o_shape)
-        return _func_jvp(lambda p: fm(p, *xs1), (fm.params,), (tangent,))[1]
+        return _func_jvp(lambda p: tensor_output(fm(p, *xs1), "the NTK"), (fm.params,), (tangent,))[1]
 
     cols = []
     for b0, b1 in _blocks(n2, block):
-        T = vmap(vjps, chunk_size=chunk_size)(*_slice(other, b0, b1))  # {name: (c, o, *shape)}
+        T = per_example_map(vjps, (0,) * len(other), _slice(other, b0, b1), chunk_size,
+                            "per-example VJPs", fm.model)  # {name: (c, o, *shape)}
         c = b1 - b0
         T = {nm: t.reshape(c * o, *fm.shapes[nm]) for nm, t in T.items()}
         if w is not None:

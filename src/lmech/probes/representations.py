@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lmech.core.batch import adapt_inputs
 from lmech.probes.base import Cost, TrainState, split_batch
 from lmech.probes.precision import full_precision
 
@@ -338,13 +339,16 @@ def layer_features(model: nn.Module, inputs, layers: list[str] | None = None) ->
     ``nn.Conv*``, ``nn.Embedding``, norms, ...), in model order. Forward hooks are registered for
     one forward pass (under ``torch.no_grad``, model run as is) and removed. A module that returns
     a tuple contributes its first tensor. By default, a module whose output is not per example
-    (first dim not the batch size, e.g. a positional embedding's ``(T, d)`` table) is left out.
+    (first dim not the batch size, e.g. a positional embedding's ``(T, d)`` table, or one applied
+    to position ids of shape ``(1, T)``) is left out. ``inputs`` as in :func:`lmech.probes.ntk` (a
+    tensor, a tuple or a dict of tensors).
 
     Example:
         >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
         >>> {n: tuple(h.shape) for n, h in layer_features(net, torch.randn(5, 3)).items()}
         {'0': (5, 4), '2': (5, 2)}
     """
+    model, inputs = adapt_inputs(model, inputs)  # dict/nested inputs (lmech.core.batch)
     modules = dict(model.named_modules())
     per_example_only = layers is None
     if layers is None:
@@ -368,9 +372,9 @@ def layer_features(model: nn.Module, inputs, layers: list[str] | None = None) ->
     finally:
         for h in handles:
             h.remove()
-    n = xs[0].shape[0]
+    n = xs[0].shape[0] if xs and isinstance(xs[0], Tensor) else None
     return {name: feats[name] for name in layers
-            if name in feats and not (per_example_only and feats[name].shape[0] != n)}
+            if name in feats and not (per_example_only and n is not None and feats[name].shape[0] != n)}
 
 
 class RepresentationProbe:

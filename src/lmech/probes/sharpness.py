@@ -66,6 +66,7 @@ from lmech.core.linalg import (
     lanczos,
     slq,
 )
+from lmech.core.batch import Output, adapt
 from lmech.probes.base import Cost, TrainState, differentiable_kernels, layer_groups, split_batch, subsample
 from lmech.probes.precision import full_precision
 
@@ -237,9 +238,14 @@ class HessianOperator:
         preconditioner=None,
         batch_size: int | None = None,
         group=None,
+        *,
+        output: Output = None,
     ):
         from lmech.core.distributed import Distributed, resolve, unwrap
 
+        if not isinstance(model, FunctionalModel):
+            model = unwrap(model)  # DDP: measure .module (before output=/dict batches wrap it)
+        model, batch = adapt(model, batch, output)
         inputs, targets = split_batch(batch)
         model = model if isinstance(model, FunctionalModel) else unwrap(model)
         self.dist = group if isinstance(group, Distributed) or group is None else resolve(group)
@@ -413,6 +419,7 @@ def sharpness(
     max_bytes: int | None = DEFAULT_MAX_BYTES,
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
     group=None,
+    output: Output = None,
 ) -> SharpnessResult:
     r"""Top-``k`` eigenvalues of the loss Hessian on ``batch``, by Lanczos on HVPs.
 
@@ -420,7 +427,8 @@ def sharpness(
         model: an ``nn.Module`` (run as it is: call ``model.eval()`` first for dropout-free,
             batch-independent curvature) or a :class:`lmech.core.FunctionalModel`.
         loss_fn: ``loss_fn(model(*inputs), targets)``, a scalar.
-        batch: ``(inputs, targets)``.
+        batch: ``(inputs, targets)`` or a dict (``model(**batch)``; dict, nested and tuple
+            forms in :mod:`lmech.core.batch`).
         k: number of top eigenvalues.
         preconditioner: ``None`` (plain :math:`H`), an Adam/AdamW optimizer (adaptive sharpness
             :math:`\lambda(P^{-1/2}HP^{-1/2})` with :math:`P` as in the module docstring, and
@@ -451,6 +459,8 @@ def sharpness(
             :func:`lmech.core.lanczos`).
         group: several processes (:class:`HessianOperator`): ``batch`` is this rank's shard;
             the start vector is rank 0's (broadcast), so every rank runs the same iteration.
+        output: what ``loss_fn`` sees of the model's output: ``None`` (as it is), a field name
+            (``"logits"`` of a ``ModelOutput``), an index or a callable (:mod:`lmech.core.batch`).
 
     Returns:
         :class:`SharpnessResult`.
@@ -468,7 +478,7 @@ def sharpness(
     """
     if start not in ("gradient", "random"):
         raise ValueError(f"start must be 'gradient' or 'random', got {start!r}")
-    op = HessianOperator(model, loss_fn, batch, params, preconditioner, batch_size, group)
+    op = HessianOperator(model, loss_fn, batch, params, preconditioner, batch_size, group, output=output)
     if v0 is None and start == "gradient":
         v0 = _gradient_start(op, seed)
     if op.dist is not None and v0 is not None:
@@ -542,10 +552,11 @@ def hessian_trace(
     batch_size: int | None = None,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
     group=None,
+    output: Output = None,
 ) -> TraceEstimate:
     r""":math:`\operatorname{tr} H` (or :math:`\operatorname{tr} P^{-1}H`) by Hutch++ (default) or
     Hutchinson with ``num_matvecs`` HVPs; returns a :class:`lmech.core.TraceEstimate` with a
-    standard error. Hutch++ is much more accurate when a few large eigenvalues dominate the
+    standard error (``batch`` and ``output`` as in :func:`sharpness`). Hutch++ is much more accurate when a few large eigenvalues dominate the
     trace (the usual Hessian spectrum: a bulk near 0 and a few outliers).
 
     Example:
@@ -559,7 +570,7 @@ def hessian_trace(
     ``group=``: several processes (:class:`HessianOperator`); the random probe vectors come from
     ``seed`` on every rank, so all ranks use the same ones.
     """
-    op = HessianOperator(model, loss_fn, batch, params, preconditioner, batch_size, group)
+    op = HessianOperator(model, loss_fn, batch, params, preconditioner, batch_size, group, output=output)
     if method == "hutch++":
         return hutchpp_trace(op.matvec, op.dim, num_matvecs, seed=seed, dtype=op.dtype,
                              device=op.device, max_bytes=max_bytes)
@@ -583,12 +594,13 @@ def hessian_spectral_density(
     batch_size: int | None = None,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
     group=None,
+    output: Output = None,
 ) -> SpectralDensity:
     r"""Spectral density of :math:`H` by stochastic Lanczos quadrature (Ghorbani, Krishnan & Xiao,
     *An Investigation into Neural Net Optimization via Hessian Eigenvalue Density*, 2019):
     ``num_probes * num_steps`` HVPs; see :class:`lmech.core.SpectralDensity` (``.density(grid,
-    sigma)``, ``.trace(f)``); ``group=`` as :func:`hessian_trace`."""
-    op = HessianOperator(model, loss_fn, batch, params, preconditioner, batch_size, group)
+    sigma)``, ``.trace(f)``); ``group=`` as :func:`hessian_trace`; ``batch`` and ``output`` as in :func:`sharpness`."""
+    op = HessianOperator(model, loss_fn, batch, params, preconditioner, batch_size, group, output=output)
     return slq(op.matvec, op.dim, num_probes, num_steps, seed=seed, dtype=op.dtype,
                device=op.device, max_bytes=max_bytes)
 

@@ -350,6 +350,14 @@ def hutchpp_trace(
     :math:`1/m` instead of :math:`1/\sqrt m` for matrices with decaying spectra (Hessians).
     Memory: about ``3 s d`` numbers (checked against ``max_bytes``).
 
+    With ``num_matvecs >= dim`` the trace is computed exactly instead,
+    :math:`\operatorname{tr} A = \sum_{i=1}^d e_i^\top A e_i` with the ``dim`` unit vectors
+    (``stderr`` 0, ``num_matvecs`` = ``dim``): at that budget no random sketch can do better,
+    and the sketch of ``s > d`` columns would have only ``d`` orthonormal directions.
+
+    Every vector handed to ``matvec`` is contiguous (the sketches are stored one probe per row):
+    a strided column of a ``d x s`` matrix made each Hessian-vector product about 2x slower.
+
     Example:
         >>> A = torch.diag(torch.tensor([100.0, 10.0, 1.0, 0.5, 0.1], dtype=torch.float64))
         >>> est = hutchpp_trace(lambda v: A @ v, 5, num_matvecs=15, dtype=torch.float64)
@@ -360,18 +368,26 @@ def hutchpp_trace(
     if s < 1:
         raise ValueError(f"Hutch++ needs num_matvecs >= 3, got {num_matvecs}")
     dtype = dtype or torch.get_default_dtype()
+    if num_matvecs >= dim:  # exact: sum of the diagonal, e_i^T A e_i
+        total = 0.0
+        for i in range(dim):
+            e = torch.zeros(dim, dtype=dtype, device=device)
+            e[i] = 1
+            total += float(matvec(e).reshape(-1)[i])
+        return TraceEstimate(total, 0.0, dim)
     itemsize = torch.empty((), dtype=dtype).element_size()
     check_memory(3 * s * dim * itemsize, max_bytes, f"the Hutch++ sketch (3 x {s} x {dim})",
                  "lower num_matvecs or select fewer parameters")
     gen = _generator(generator, seed)
-    S = torch.stack([_rademacher(dim, gen, dtype, device) for _ in range(s)], dim=1)
-    G = torch.stack([_rademacher(dim, gen, dtype, device) for _ in range(s)], dim=1)
-    AS = torch.stack([matvec(S[:, i]).reshape(-1).to(dtype) for i in range(s)], dim=1)
-    Q, _ = torch.linalg.qr(AS)
-    exact = sum(float(torch.dot(Q[:, i], matvec(Q[:, i]).reshape(-1).to(dtype))) for i in range(s))
-    G = G - Q @ (Q.T @ G)
+    # one probe per row (s, d): every vector given to matvec is a contiguous row
+    S = torch.stack([_rademacher(dim, gen, dtype, device) for _ in range(s)])
+    G = torch.stack([_rademacher(dim, gen, dtype, device) for _ in range(s)])
+    AS = torch.stack([matvec(S[i]).reshape(-1).to(dtype) for i in range(s)])  # (s, d)
+    Q = torch.linalg.qr(AS.T)[0].T.contiguous()  # (s, d): orthonormal rows spanning range(AS^T)
+    exact = sum(float(torch.dot(Q[i], matvec(Q[i]).reshape(-1).to(dtype))) for i in range(s))
+    G = G - (G @ Q.T) @ Q  # rows of G projected off span(Q): (I - QQ^T) G in row form
     terms = torch.tensor(
-        [float(torch.dot(G[:, i], matvec(G[:, i]).reshape(-1).to(dtype))) for i in range(s)],
+        [float(torch.dot(G[i], matvec(G[i]).reshape(-1).to(dtype))) for i in range(s)],
         dtype=torch.float64,
     )
     stderr = float(terms.std() / math.sqrt(s)) if s > 1 else float("nan")

@@ -147,9 +147,9 @@ def lanczos(
       first removed more than :math:`1 - 1/\sqrt2` of the norm (the Daniel-Gragg-Kaufman-Stewart
       criterion, 1976). After the recurrence the components along the basis are rounding
       errors, so the first pass is almost never large and the second almost never runs: two
-      passes over the basis per step instead of four. At ten million parameters one pass over
-      a 20-vector float32 basis costs about as much as a Hessian-vector product, so this halves
-      the solver's own cost there (``docs/results/probes.md``).
+      passes over the basis per step instead of four. At millions of parameters the passes
+      over the basis cost as much as the Hessian-vector products themselves, so this matters
+      (measurements in ``docs/results/probes.md``).
     * ``"twice"``: classical Gram-Schmidt twice on :math:`Aq_j` itself, no recurrence first
       ("twice is enough", Parlett; four passes over the basis per step), the previous default. After every product the Ritz pairs :math:`(\theta_i, y_i = Q_m s_i)` of
     :math:`T_m` are computed and the run stops when the ``k`` requested ones satisfy
@@ -387,7 +387,7 @@ def hutchpp_trace(
     and the sketch of ``s > d`` columns would have only ``d`` orthonormal directions.
 
     Every vector handed to ``matvec`` is contiguous (the sketches are stored one probe per row):
-    a strided column of a ``d x s`` matrix made each Hessian-vector product about 2x slower.
+    a strided column of a ``d x s`` matrix made each Hessian-vector product slower (issue 18).
 
     Example:
         >>> A = torch.diag(torch.tensor([100.0, 10.0, 1.0, 0.5, 0.1], dtype=torch.float64))

@@ -27,12 +27,13 @@ are different matrices.
   few to about 20 percent; compare with WeightWatcher's numbers only in its convention. Neither
   is fitted to a layer with fewer than ``min_eigenvalues`` (50) nonzero eigenvalues: with a
   tail of at least 10 points a spectrum of 10-20 values leaves one or a few candidate cutoffs,
-  the fit then calls the whole spectrum a power law, and the exponent means nothing (Clauset et
-  al. find the estimator reliable from about 50 tail points); ``alpha_reason`` says why instead.
-  :math:`\alpha` does not depend on the scale of :math:`W`. Decision: we implement this estimator rather than call the ``powerlaw`` package,
-  because ``powerlaw`` 2.0.0 constrains :math:`\alpha` to :math:`[0, 3]` by default
+  the fit then calls the whole spectrum a power law, and the exponent means nothing. 50 is a
+  rule of thumb, not a derived bound (WeightWatcher's source carries the same number in a
+  disabled minimum, "10, really 50"); ``alpha_reason`` says why instead. :math:`\alpha` does not
+  depend on the scale of :math:`W`. Decision: we implement this estimator rather than call the
+  ``powerlaw`` package, because ``powerlaw`` 2.0.0 constrains :math:`\alpha` to :math:`[0, 3]` by default
   (``DEFAULT_PARAMETER_RANGES``), which silently returns 3.0 for heavier-than-cubic tails
-  (weight spectra commonly have :math:`\alpha` of 2-6), and it took about 4 s on 8,000
+  (weight spectra commonly have :math:`\alpha` of 2-6), and it is slow on thousands of
   eigenvalues; tests check our fit against ``powerlaw`` with a widened range when it is
   installed;
 * **relative change from a reference** (initialization): :math:`\|W - W_0\|_F/\|W_0\|_F` and the

@@ -318,17 +318,21 @@ def run_weights(model, repeats, log):
             warnings.simplefilter("ignore")
             df, s_w = timed(lambda: weightwatcher.WeightWatcher(model=model).analyze())
         spec, s_l = timed(lambda: weight_spectra(model, conventions=("weightwatcher",), conv_matrix="slices"))
-        fitted = [s.alpha_weightwatcher.alpha for s in spec.values() if s.alpha_weightwatcher is not None]
-        ww_alpha = [a for a in df["alpha"].tolist() if a > 0]
-        if len(fitted) == len(ww_alpha):
-            diff = max([diff] + [abs(a - b) / abs(b) for a, b in zip(sorted(fitted), sorted(ww_alpha))])
-        else:
-            diff = math.nan
+        # the same layers: lmech's "<module>.weight" against WeightWatcher's row for <module>
+        ww_alpha = dict(zip(df["longname"].astype(str), df["alpha"]))
+        fitted = {n.rsplit(".", 1)[0]: s.alpha_weightwatcher.alpha for n, s in spec.items()
+                  if s.alpha_weightwatcher is not None}
+        missing = [m for m in fitted if m not in ww_alpha]
+        if missing:
+            raise RuntimeError(f"WeightWatcher did not analyze {missing}")
+        diff = max([diff] + [abs(a - ww_alpha[m]) / abs(ww_alpha[m]) for m, a in fitted.items()])
+        refused = sum(1 for s in spec.values() if s.alpha_reason is not None)
         rows["ww"].append((s_w,))
         rows["lmech"].append((s_l,))
     log(f"    WeightWatcher s {statistics.median([v[0] for v in rows['ww']]):.3f}  lmech s "
         f"{statistics.median([v[0] for v in rows['lmech']]):.3f}  max rel alpha diff {diff:.1e} "
-        f"({len(fitted)} layers fitted)")
+        f"over the {len(fitted)} layers lmech fits; {refused} layers with too few eigenvalues get no "
+        f"lmech exponent)")
     ratios = [rows["ww"][r][0] / rows["lmech"][r][0] for r in range(repeats)]
     return [("weights", "WeightWatcher", rows["ww"], rows["lmech"], ratios)]
 

@@ -120,3 +120,15 @@ def test_probe_reports_both_conventions():
     tiny = nn.Sequential(nn.Linear(4, 3))
     empty = WeightSpectrumProbe().measure(TrainState(tiny, None, (torch.zeros(1, 4), None)))
     assert math.isnan(empty["alpha_mean"]) and math.isnan(empty["alpha_ww_mean"])
+
+
+@pytest.mark.parametrize("shape", [(70, 30), (30, 70), (50, 50)])
+def test_gram_singular_values_equal_the_svd(shape):
+    from lmech.probes.weights import _gram_singular_values
+
+    W = torch.randn(*shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    sv = torch.linalg.svdvals(W)
+    fast = _gram_singular_values(W)
+    assert fast.shape == sv.shape
+    torch.testing.assert_close(fast, sv, rtol=1e-10, atol=1e-10 * float(sv[0]))
+    assert weight_spectra(nn.Linear(shape[1], shape[0]))["weight"].singular_values.shape == sv.shape

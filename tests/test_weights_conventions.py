@@ -90,7 +90,7 @@ def test_conv_matrix_convention_is_selectable_and_stated():
     expected = torch.linalg.svdvals(conv_slices(net[0].weight)).reshape(-1).sort(descending=True).values
     torch.testing.assert_close(sliced.singular_values, expected)
     # the norms are those of the (out, in * k) matrix in both conventions
-    assert sliced.spectral_norm == pytest.approx(flat.spectral_norm, rel=1e-12)
+    assert sliced.spectral_norm == pytest.approx(flat.spectral_norm, rel=1e-5)  # Lanczos, tol 1e-5
     assert weight_spectra(net)["3.weight"].matrix == "matrix"
     with pytest.raises(ValueError, match="conv_matrix"):
         weight_spectra(net, conv_matrix="fft")

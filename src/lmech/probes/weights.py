@@ -253,7 +253,7 @@ def weight_spectra(
         if singular_values:
             if matrix == "slices":
                 sv = torch.cat([_gram_singular_values(m) for m in conv_slices(p)]).sort(descending=True).values
-                s1 = float(torch.linalg.matrix_norm(W, ord=2))
+                s1 = spectral_norm(W, tol=tol)  # of the (out, in * prod(k)) matrix, without an SVD
             else:
                 sv = _gram_singular_values(W)
                 s1 = float(sv[0])

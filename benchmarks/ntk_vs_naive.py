@@ -5,7 +5,10 @@ Jacobians ``vmap(jacrev(f_single))`` of x1 and of x2 (computed twice even when x
 per parameter, contracted with ``einsum('Naf,Mbf->NMab')`` per parameter tensor, stacked and
 summed. lmech computes the same (n*o, n*o) kernel with ``ntk(model, x)``: ``"auto"`` (the cost
 model's choice), each algorithm forced (all three with no memory budget), and ``"auto"`` with a
-32 MiB budget (``lmech-auto-budget``: the work is blocked to fit).
+memory budget (``lmech-auto-budget``: the work is blocked to fit). The budget is 32 MiB, or, where
+the kernel plus one example's working memory does not fit in 32 MiB (``--width 1000``: 51.6 MiB),
+the smallest whole number of MiB that holds two examples' working memory next to the kernel
+(:func:`budget_bytes`); the benchmark prints the budget it used and lmech's refusal of 32 MiB.
 
 Each method runs in a fresh subprocess (CPU, one thread): the kernel is computed once (that run's
 peak memory is measured) and then again (that run is timed). Peak memory is the peak resident set
@@ -29,11 +32,12 @@ import time
 import torch
 from torch.func import functional_call, jacrev, vmap
 
+from lmech.errors import MemoryBudgetError
 from lmech.models import MLP
 from lmech.probes.ntk import ntk, ntk_cost
 
 METHODS = ("naive", "lmech-auto", "lmech-jacobian", "lmech-products", "lmech-auto-budget")
-BUDGET_MB = 32  # for lmech-auto-budget: ntk(..., max_bytes=32 MiB), blocked to fit
+BUDGET_MB = 32  # for lmech-auto-budget: ntk(..., max_bytes=32 MiB), blocked to fit, when it fits
 
 
 def setup(n, width, outputs, seed=0):
@@ -61,11 +65,22 @@ def naive_ntk(model, x1, x2, trace):
     return result.permute(0, 2, 1, 3).reshape(n * o, m * o)  # example-major, like lmech
 
 
+def budget_bytes(model, x, trace) -> int:
+    """32 MiB, or the smallest whole MiB holding the kernel and two examples' working memory of
+    the algorithm the cost model picks when 32 MiB cannot hold even one (larger models)."""
+    cost = ntk_cost(model, x, trace_outputs=trace)
+    one = 2 * cost.example_jacobian_bytes if cost.choice == "jacobian" else cost.products_column_bytes
+    if cost.kernel_bytes + one <= BUDGET_MB * 2**20:
+        return BUDGET_MB * 2**20
+    need = cost.kernel_bytes + 2 * one
+    return -(-need // 2**20) * 2**20
+
+
 def compute(method, model, x, trace):
     if method == "naive":
         return naive_ntk(model, x, x, trace)
     if method == "lmech-auto-budget":
-        return ntk(model, x, "auto", trace_outputs=trace, max_bytes=BUDGET_MB * 2**20)
+        return ntk(model, x, "auto", trace_outputs=trace, max_bytes=budget_bytes(model, x, trace))
     impl = method.split("-")[1]
     return ntk(model, x, impl, trace_outputs=trace, max_bytes=None)
 
@@ -111,6 +126,13 @@ def main():
     print(f"MLP 40-{args.width}-{args.width}-{args.outputs} tanh, {n_params} params, n = {args.n}, kernel {kind}")
     print(f"cost model: F = {cost.forward_flops:.3g} FLOPs/example, jacobian {cost.jacobian_flops:.3g} FLOPs, "
           f"products {cost.products_flops:.3g} FLOPs -> auto = {cost.choice}")
+    budget = budget_bytes(model, x, args.trace)
+    if budget != BUDGET_MB * 2**20:
+        try:
+            ntk(model, x, "auto", trace_outputs=args.trace, max_bytes=BUDGET_MB * 2**20)
+        except MemoryBudgetError as err:
+            print(f"  {BUDGET_MB} MiB refused by lmech: {err}")
+    print(f"lmech-auto-budget runs with max_bytes = {budget / 2**20:.0f} MiB")
     ref = compute("naive", model, x, args.trace)
     scale = float(ref.abs().max())
     results = {}

@@ -78,7 +78,8 @@ def test_norms_stable_rank_and_relative_change():
     W0 = init["0.weight"].double()
     assert s.rel_change_op == pytest.approx(float(torch.linalg.matrix_norm(W - W0, 2) / torch.linalg.matrix_norm(W0, 2)))
     assert s.rel_change_fro == pytest.approx(float(torch.linalg.matrix_norm(W - W0) / torch.linalg.matrix_norm(W0)))
-    assert s.alpha is not None and spec["2.weight"].alpha is None  # 4 eigenvalues: no fit
+    # 20 and 4 eigenvalues: below min_eigenvalues=50, no fit and a reason instead
+    assert s.alpha is None and "too few" in s.alpha_reason and spec["2.weight"].alpha is None
     assert spec["2.weight"].rel_change_op == 0.0
     with pytest.raises(ValueError, match="reference"):
         weight_spectra(net, reference={"0.weight": torch.zeros(3, 3)})
@@ -88,7 +89,7 @@ def test_probe_reference_is_taken_at_first_measurement():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(40, 30), nn.Tanh(), nn.Linear(30, 2))
     state = TrainState(net, None, (torch.zeros(1, 40), None))
-    probe = WeightSpectrumProbe(singular_values=True)
+    probe = WeightSpectrumProbe(singular_values=True, min_eigenvalues=20)  # 30 eigenvalues
     first = probe.measure(state)
     assert first["rel_change_fro"] == 0.0 and first["rel_change_op/0.weight"] == 0.0
     assert {"alpha/0.weight", "alpha_mean", "stable_rank_mean", "max_spectral_norm"} <= set(first)

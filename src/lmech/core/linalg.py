@@ -131,6 +131,7 @@ def lanczos(
     return_vectors: bool = True,
     max_bytes: int | None = DEFAULT_MAX_BYTES,
     callback: Callable[[int, Tensor, Tensor], None] | None = None,
+    reorthogonalize: Literal["dgks", "twice"] = "dgks",
 ) -> EigenResult:
     r"""Extreme eigenpairs of a symmetric operator by Lanczos with full reorthogonalization.
 
@@ -138,9 +139,19 @@ def lanczos(
     :math:`\mathcal K_m(A, v_0)` and the tridiagonal :math:`T_m = Q_m^\top A Q_m` (entries
     :math:`\alpha_j = q_j^\top A q_j`, :math:`\beta_j = \|w_j\|`), with
     :math:`A Q_m = Q_m T_m + \beta_m q_{m+1} e_m^\top`. Each new vector is orthogonalized against
-    the whole basis by classical Gram-Schmidt, twice ("twice is enough", Parlett; two
-    matrix-vector products with the basis per step), which prevents the ghost eigenvalues of
-    plain Lanczos. After every product the Ritz pairs :math:`(\theta_i, y_i = Q_m s_i)` of
+    the whole basis, which prevents the ghost eigenvalues of plain Lanczos, in one of two ways:
+
+    * ``"dgks"`` (default): the three-term recurrence
+      :math:`w \leftarrow Aq_j - \alpha_j q_j - \beta_{j-1} q_{j-1}` first (two vectors), then one
+      classical Gram-Schmidt pass against the whole basis, and a second pass only when the
+      first removed more than :math:`1 - 1/\sqrt2` of the norm (the Daniel-Gragg-Kaufman-Stewart
+      criterion, 1976). After the recurrence the components along the basis are rounding
+      errors, so the first pass is almost never large and the second almost never runs: two
+      passes over the basis per step instead of four. At millions of parameters the passes
+      over the basis cost as much as the Hessian-vector products themselves, so this matters
+      (measurements in ``docs/results/probes.md``).
+    * ``"twice"``: classical Gram-Schmidt twice on :math:`Aq_j` itself, no recurrence first
+      ("twice is enough", Parlett; four passes over the basis per step), the previous default. After every product the Ritz pairs :math:`(\theta_i, y_i = Q_m s_i)` of
     :math:`T_m` are computed and the run stops when the ``k`` requested ones satisfy
     :math:`r_i = \beta_m |e_m^\top s_i| \le \mathrm{tol}\,|\theta_i|` (Golub & Van Loan,
     *Matrix Computations*, §10.1). If the Krylov space becomes invariant (:math:`\beta_m \approx 0`),
@@ -174,6 +185,8 @@ def lanczos(
     """
     if which not in ("LA", "SA", "LM"):
         raise ValueError(f"which must be 'LA', 'SA' or 'LM', got {which!r}")
+    if reorthogonalize not in ("dgks", "twice"):
+        raise ValueError(f"reorthogonalize must be 'dgks' or 'twice', got {reorthogonalize!r}")
     if not 1 <= k <= dim:
         raise ValueError(f"k must be in [1, dim={dim}], got {k}")
     if v0 is not None:
@@ -216,13 +229,31 @@ def lanczos(
         # and every rounding-error component along the basis; alpha_j = q_j^T A q_j is the
         # coefficient on q_j summed over both passes. Out of place first: w may alias Q[j].
         basis = Q[: j + 1]
-        h = basis @ w
-        w = torch.addmv(w, basis.T, h, alpha=-1)
-        h2 = basis @ w
-        w.addmv_(basis.T, h2, alpha=-1)
-        alpha = float(h[j]) + float(h2[j])
+        if reorthogonalize == "twice":
+            h = basis @ w
+            w = torch.addmv(w, basis.T, h, alpha=-1)
+            h2 = basis @ w
+            w.addmv_(basis.T, h2, alpha=-1)
+            alpha = float(h[j]) + float(h2[j])
+            beta = float(torch.linalg.vector_norm(w))
+        else:
+            # three-term recurrence (out of place: w may alias Q[j]), then one full pass, and
+            # a second where the first removed a large part (DGKS, eta = 1/sqrt 2)
+            alpha = float(torch.dot(Q[j], w))
+            w = w - alpha * Q[j]
+            if j > 0 and betas[-1] != 0.0:
+                w.sub_(Q[j - 1], alpha=betas[-1])
+            before = float(torch.linalg.vector_norm(w))
+            h = basis @ w
+            w.addmv_(basis.T, h, alpha=-1)
+            alpha += float(h[j])
+            beta = float(torch.linalg.vector_norm(w))
+            if beta < 0.7071067811865476 * before:
+                h = basis @ w
+                w.addmv_(basis.T, h, alpha=-1)
+                alpha += float(h[j])
+                beta = float(torch.linalg.vector_norm(w))
         alphas.append(alpha)
-        beta = float(torch.linalg.vector_norm(w))
         if not math.isfinite(beta) or not math.isfinite(alpha):
             raise FloatingPointError("Lanczos produced a non-finite value: the operator returned NaN/inf")
 
@@ -350,6 +381,14 @@ def hutchpp_trace(
     :math:`1/m` instead of :math:`1/\sqrt m` for matrices with decaying spectra (Hessians).
     Memory: about ``3 s d`` numbers (checked against ``max_bytes``).
 
+    With ``num_matvecs >= dim`` the trace is computed exactly instead,
+    :math:`\operatorname{tr} A = \sum_{i=1}^d e_i^\top A e_i` with the ``dim`` unit vectors
+    (``stderr`` 0, ``num_matvecs`` = ``dim``): at that budget no random sketch can do better,
+    and the sketch of ``s > d`` columns would have only ``d`` orthonormal directions.
+
+    Every vector handed to ``matvec`` is contiguous (the sketches are stored one probe per row):
+    a strided column of a ``d x s`` matrix made each Hessian-vector product slower (issue 18).
+
     Example:
         >>> A = torch.diag(torch.tensor([100.0, 10.0, 1.0, 0.5, 0.1], dtype=torch.float64))
         >>> est = hutchpp_trace(lambda v: A @ v, 5, num_matvecs=15, dtype=torch.float64)
@@ -360,19 +399,26 @@ def hutchpp_trace(
     if s < 1:
         raise ValueError(f"Hutch++ needs num_matvecs >= 3, got {num_matvecs}")
     dtype = dtype or torch.get_default_dtype()
+    if num_matvecs >= dim:  # exact: sum of the diagonal, e_i^T A e_i
+        total = 0.0
+        for i in range(dim):
+            e = torch.zeros(dim, dtype=dtype, device=device)
+            e[i] = 1
+            total += float(matvec(e).reshape(-1)[i])
+        return TraceEstimate(total, 0.0, dim)
     itemsize = torch.empty((), dtype=dtype).element_size()
     check_memory(3 * s * dim * itemsize, max_bytes, f"the Hutch++ sketch (3 x {s} x {dim})",
                  "lower num_matvecs or select fewer parameters")
     gen = _generator(generator, seed)
-    S = torch.stack([_rademacher(dim, gen, dtype, device) for _ in range(s)], dim=1)
-    G = torch.stack([_rademacher(dim, gen, dtype, device) for _ in range(s)], dim=1)
-    AS = torch.stack([matvec(S[:, i]).reshape(-1).to(dtype) for i in range(s)], dim=1)
-    Q, _ = torch.linalg.qr(AS)
-    # Q has min(s, dim) columns: with s >= dim the sketch spans everything (exact; was an IndexError)
-    exact = sum(float(torch.dot(Q[:, i], matvec(Q[:, i]).reshape(-1).to(dtype))) for i in range(Q.shape[1]))
-    G = G - Q @ (Q.T @ G)
+    # one probe per row (s, d): every vector given to matvec is a contiguous row
+    S = torch.stack([_rademacher(dim, gen, dtype, device) for _ in range(s)])
+    G = torch.stack([_rademacher(dim, gen, dtype, device) for _ in range(s)])
+    AS = torch.stack([matvec(S[i]).reshape(-1).to(dtype) for i in range(s)])  # (s, d)
+    Q = torch.linalg.qr(AS.T)[0].T.contiguous()  # (min(s, d), d): orthonormal rows spanning range(AS^T)
+    exact = sum(float(torch.dot(Q[i], matvec(Q[i]).reshape(-1).to(dtype))) for i in range(Q.shape[0]))
+    G = G - (G @ Q.T) @ Q  # rows of G projected off span(Q): (I - QQ^T) G in row form
     terms = torch.tensor(
-        [float(torch.dot(G[:, i], matvec(G[:, i]).reshape(-1).to(dtype))) for i in range(s)],
+        [float(torch.dot(G[i], matvec(G[i]).reshape(-1).to(dtype))) for i in range(s)],
         dtype=torch.float64,
     )
     stderr = float(terms.std() / math.sqrt(s)) if s > 1 else float("nan")

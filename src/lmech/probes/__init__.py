@@ -69,6 +69,7 @@ from lmech.probes.weights import (
     spectral_norm_and_vector,
     weight_spectra,
 )
+from lmech.probes.weightwatcher_fit import conv_slices, power_law_fit_weightwatcher
 
 __all__ = [
     # base
@@ -84,7 +85,7 @@ __all__ = [
     "grad_noise", "GradNoise", "GroupNoise", "GradNoiseProbe",
     # weights
     "power_law_fit", "PowerLawFit", "weight_spectra", "spectral_norm", "spectral_norm_and_vector",
-    "LayerSpectrum", "WeightSpectrumProbe",
+    "LayerSpectrum", "WeightSpectrumProbe", "power_law_fit_weightwatcher", "conv_slices",
     # representations
     "linear_cka", "svcca", "mutual_knn", "similarity", "SimilarityResult", "layer_features",
     "RepresentationProbe",

@@ -187,14 +187,14 @@ class HessianOperator:
     with :math:`H = \nabla^2_w L(w)` over the selected parameters, in the flat order of
     :attr:`names` (:func:`lmech.core.flatten`).
 
-    How products are computed (measured in ``benchmarks/hvp_cost.py``):
+    How products are computed (costs: ``benchmarks/hvp_cost.py``, figures in
+    ``docs/results/probes.md``):
 
     * whole batch (default): reverse-over-reverse on a cached graph. The gradient
       :math:`g(w) = \nabla L` is computed once with ``create_graph=True`` when the operator is
       built; each product is one backward pass through that graph,
-      :math:`Hv = \nabla_w \langle g(w), v\rangle` (Pearlmutter 1994). About 1.5-2.5x the cost of
-      one gradient on CPU, against about 4x for forward-over-reverse (:func:`lmech.core.hvp`),
-      which recomputes the forward pass each time. The graph (activations of the batch) stays
+      :math:`Hv = \nabla_w \langle g(w), v\rangle` (Pearlmutter 1994). Cheaper than
+      forward-over-reverse (:func:`lmech.core.hvp`), which recomputes the forward pass each time. The graph (activations of the batch) stays
       in memory while the operator lives. The parameters are read, never written; if they are
       changed in place while the operator is alive, autograd raises instead of returning stale
       products.
@@ -347,7 +347,9 @@ class HessianOperator:
 
     def matvec(self, v: Tensor) -> Tensor:
         """:math:`D H D v` for a flat vector ``v`` of length :attr:`dim`."""
-        v = v.reshape(-1).to(dtype=self.dtype, device=self.device)
+        # contiguous: a strided vector (a column of a matrix) gives strided pieces to autograd,
+        # which made each product markedly slower (issue 18)
+        v = v.reshape(-1).to(dtype=self.dtype, device=self.device).contiguous()
         if self.scale is not None:
             v = v * self.scale
         hv = self._combine(flatten(self._hvp(unflatten(v, self.fm.params))))
@@ -445,9 +447,8 @@ def sharpness(
             unit Gaussian vector. The gradient of a trained network often lies largely in the
             span of the top Hessian eigenvectors (Gur-Ari, Roberts & Dyer, *Gradient Descent
             Happens in a Tiny Subspace*, 2018), so its overlap with them is far above a random
-            vector's :math:`\approx 1/\sqrt{\dim}` and Lanczos needs fewer products (half as
-            many in ``benchmarks/sharpness_vs_pyhessian.py``; not in every case, see
-            ``docs/results/probes.md``); the random half keeps a nonzero overlap
+            vector's :math:`\approx 1/\sqrt{\dim}` and Lanczos often needs fewer products
+            (not in every case: measurements in ``docs/results/probes.md``); the random half keeps a nonzero overlap
             with every eigenvector (almost surely) when the gradient has none, e.g. at a
             stationary point, where a zero or non-finite gradient falls back to the random
             vector alone. ``"random"``: the Gaussian vector alone. The stopping rule and its

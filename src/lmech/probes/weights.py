@@ -2,23 +2,43 @@ r"""Weight-matrix spectra per layer: singular values, spectral norm, stable rank
 power-law exponent of the eigenvalue density, and the change from initialization.
 
 Every selected parameter with at least two dimensions is a matrix :math:`W \in
-\mathbb{R}^{m\times n}` (a convolution kernel ``(out, in, *k)`` is read as ``(out, in * prod(k))``,
-an embedding as ``(vocab, dim)``); vectors (biases, norm scales) are skipped.
+\mathbb{R}^{m\times n}` (an embedding as ``(vocab, dim)``); vectors (biases, norm scales) are
+skipped. **Conv kernels** ``(out, in, *k)``: the norms, stable rank and changes are always those
+of the matrix ``(out, in * prod(k))``; the spectrum and the exponents use ``conv_matrix``:
+``"flatten"`` (default) that same matrix, ``"slices"`` WeightWatcher's ``prod(k)`` matrices
+``W[:, :, i, j]`` of shape ``(out, in)`` with their eigenvalues pooled
+(:func:`lmech.probes.weightwatcher_fit.conv_slices`). The two give different exponents: they
+are different matrices.
 
-* singular values :math:`\sigma_1 \ge \dots` (``torch.linalg.svdvals``, float64);
+* singular values :math:`\sigma_1 \ge \dots`, float64, as the square roots of the eigenvalues of
+  the smaller Gram matrix (:math:`W^\top W` or :math:`WW^\top`) by LAPACK's divide-and-conquer
+  symmetric eigensolver (SciPy ``eigh(driver="evd")``), faster than an SVD on CPU. The
+  eigenvalues :math:`\sigma_i^2`, which the exponents are fitted to, have absolute errors of about
+  :math:`\epsilon\,\sigma_1^2`; singular values below about :math:`10^{-8}\sigma_1` are therefore
+  not resolved (an SVD would resolve them; the fits drop eigenvalues that small anyway);
 * spectral norm :math:`\|W\|_2 = \sigma_1`; Frobenius norm; **stable rank**
   :math:`\|W\|_F^2/\|W\|_2^2 = \sum_i\sigma_i^2/\sigma_1^2` (Rudelson & Vershynin 2007);
 * **power-law exponent** :math:`\alpha` of the tail of the empirical spectral density of
   :math:`W^\top W` (eigenvalues :math:`\lambda_i = \sigma_i^2`), :math:`p(\lambda) \propto
   \lambda^{-\alpha}` for :math:`\lambda \ge \lambda_\text{min}` (Martin & Mahoney, *Implicit
-  Self-Regularization in Deep Neural Networks*, JMLR 2021; the WeightWatcher "alpha"). Fitted by
-  :func:`power_law_fit`: the continuous maximum-likelihood estimator with :math:`x_\text{min}`
-  chosen to minimize the Kolmogorov-Smirnov distance (Clauset, Shalizi & Newman, *Power-law
-  distributions in empirical data*, SIAM Review 2009). :math:`\alpha` does not depend on the scale
-  of :math:`W`. Decision: we implement this estimator rather than call the ``powerlaw`` package,
-  because ``powerlaw`` 2.0.0 constrains :math:`\alpha` to :math:`[0, 3]` by default
+  Self-Regularization in Deep Neural Networks*, JMLR 2021), in two conventions, both reported:
+  ``alpha``, lmech's fit :func:`power_law_fit`, the continuous maximum-likelihood estimator with
+  :math:`x_\text{min}` chosen to minimize the two-sided Kolmogorov-Smirnov distance over tails of
+  at least ``min_tail`` points (Clauset, Shalizi & Newman, *Power-law distributions in empirical
+  data*, SIAM Review 2009); and ``alpha_weightwatcher``, WeightWatcher's own choice of the cutoff
+  (one-sided KS distance, tails down to 2 points, an absolute eigenvalue threshold;
+  :func:`lmech.probes.weightwatcher_fit.power_law_fit_weightwatcher`), which reproduces
+  WeightWatcher's "alpha" on the same eigenvalues. On identical eigenvalues the two differ by a
+  few to about 20 percent; compare with WeightWatcher's numbers only in its convention. Neither
+  is fitted to a layer with fewer than ``min_eigenvalues`` (50) nonzero eigenvalues: with a
+  tail of at least 10 points a spectrum of 10-20 values leaves one or a few candidate cutoffs,
+  the fit then calls the whole spectrum a power law, and the exponent means nothing. 50 is a
+  rule of thumb, not a derived bound (WeightWatcher's source carries the same number in a
+  disabled minimum, "10, really 50"); ``alpha_reason`` says why instead. :math:`\alpha` does not
+  depend on the scale of :math:`W`. Decision: we implement this estimator rather than call the
+  ``powerlaw`` package, because ``powerlaw`` 2.0.0 constrains :math:`\alpha` to :math:`[0, 3]` by default
   (``DEFAULT_PARAMETER_RANGES``), which silently returns 3.0 for heavier-than-cubic tails
-  (weight spectra commonly have :math:`\alpha` of 2-6), and it took about 4 s on 8,000
+  (weight spectra commonly have :math:`\alpha` of 2-6), and it is slow on thousands of
   eigenvalues; tests check our fit against ``powerlaw`` with a widened range when it is
   installed;
 * **relative change from a reference** (initialization): :math:`\|W - W_0\|_F/\|W_0\|_F` and the
@@ -40,6 +60,12 @@ from lmech.core.functional import FunctionalModel, ParamSelector
 from lmech.core.linalg import lanczos
 from lmech.probes.base import Cost, TrainState
 from lmech.probes.precision import full_precision
+from lmech.probes.weightwatcher_fit import (
+    WW_EVALS_THRESH,
+    conv_slice_scale,
+    conv_slices,
+    power_law_fit_weightwatcher,
+)
 
 __all__ = ["PowerLawFit", "power_law_fit", "LayerSpectrum", "weight_spectra", "spectral_norm",
            "spectral_norm_and_vector", "WeightSpectrumProbe"]
@@ -51,9 +77,11 @@ class PowerLawFit:
     (x/x_\text{min})^{-\alpha}`, :math:`x \ge x_\text{min}`.
 
     Attributes:
-        alpha: the MLE :math:`\hat\alpha = 1 + n_\text{tail}/\sum_{x_i\ge x_\text{min}}\ln(x_i/x_\text{min})`.
+        alpha: the MLE :math:`\hat\alpha = 1 + n_\text{tail}/\sum_{x_i\ge x_\text{min}}\ln(x_i/x_\text{min})`
+            (WeightWatcher's small-sample fit: :math:`n_\text{tail} - 1` in the numerator).
         xmin: the chosen lower cutoff.
-        ks_distance: Kolmogorov-Smirnov distance between the tail and the fit.
+        ks_distance: Kolmogorov-Smirnov distance between the tail and the fit (two-sided in
+            :func:`power_law_fit`, one-sided in the WeightWatcher convention).
         stderr: :math:`(\hat\alpha - 1)/\sqrt{n_\text{tail}}` (asymptotic standard error).
         n_tail: points at or above ``xmin``.
     """
@@ -121,12 +149,19 @@ class LayerSpectrum:
     r"""Spectral readouts of one weight matrix (module docstring).
 
     Attributes:
-        shape: the matrix shape ``(m, n)`` used.
-        singular_values: descending, float64 (``None`` when not computed).
+        shape: the matrix shape ``(m, n)`` of the norms (a conv kernel as ``(out, in * prod(k))``).
+        singular_values: descending, float64 (``None`` when not computed); of the
+            ``conv_matrix`` convention's matrices for a conv kernel (``"slices"``: all slices'
+            singular values pooled).
         spectral_norm, frobenius_norm, stable_rank: as named.
-        alpha: :class:`PowerLawFit` of the eigenvalues of :math:`W^\top W`, or ``None`` (not
-            requested, or fewer than ``min_tail`` nonzero eigenvalues).
+        alpha: lmech's :class:`PowerLawFit` (:func:`power_law_fit`) of the eigenvalues
+            :math:`\sigma_i^2`, or ``None`` (not requested, or see ``alpha_reason``).
         rel_change_fro, rel_change_op: change from the reference, or ``None`` without one.
+        alpha_weightwatcher: the WeightWatcher-convention fit of the same eigenvalues
+            (:func:`lmech.probes.weightwatcher_fit.power_law_fit_weightwatcher`), or ``None``.
+        alpha_reason: why an exponent requested was not fitted (too few eigenvalues), else ``None``.
+        matrix: the convention the spectrum was taken in: ``"matrix"``, ``"flatten"`` or
+            ``"slices"`` (the last two for conv kernels).
     """
 
     shape: tuple[int, int]
@@ -137,6 +172,9 @@ class LayerSpectrum:
     alpha: PowerLawFit | None
     rel_change_fro: float | None
     rel_change_op: float | None
+    alpha_weightwatcher: PowerLawFit | None = None
+    alpha_reason: str | None = None
+    matrix: str = "matrix"
 
 
 def _as_matrix(w: Tensor) -> Tensor:
@@ -151,6 +189,9 @@ def weight_spectra(
     fit_power_law: bool = True,
     singular_values: bool = True,
     min_tail: int = 10,
+    min_eigenvalues: int = 50,
+    conventions: tuple[str, ...] = ("lmech", "weightwatcher"),
+    conv_matrix: str = "flatten",
     start_vectors: dict[str, Tensor] | None = None,
     tol: float = 1e-5,
 ) -> dict[str, LayerSpectrum]:
@@ -162,7 +203,14 @@ def weight_spectra(
             matrices appear once).
         reference: ``name -> tensor`` (e.g. ``{n: p.detach().clone() for n, p in
             model.named_parameters()}`` at initialization) for the relative changes.
-        fit_power_law: fit :math:`\alpha` (needs at least ``min_tail`` nonzero eigenvalues).
+        fit_power_law: fit :math:`\alpha`.
+        min_tail: smallest tail of lmech's fit.
+        min_eigenvalues: fewest nonzero eigenvalues for any fit (module docstring); below it
+            ``alpha`` and ``alpha_weightwatcher`` are ``None`` and ``alpha_reason`` says why.
+        conventions: which exponents to fit: ``"lmech"`` (``alpha``), ``"weightwatcher"``
+            (``alpha_weightwatcher``), or both (default).
+        conv_matrix: ``"flatten"`` (``(out, in * prod(k))``, default) or ``"slices"``
+            (WeightWatcher's per-position ``(out, in)`` matrices) for conv kernels' spectra.
         singular_values: compute the full spectrum (an SVD per matrix). ``False`` computes only
             what needs no spectrum, spectral norms by :func:`spectral_norm` (Lanczos), which for
             a 1024 x 1024 matrix is tens of products instead of an SVD; ``singular_values`` and
@@ -185,6 +233,13 @@ def weight_spectra(
     """
     if fit_power_law and not singular_values:
         raise ValueError("fit_power_law needs the singular values: pass singular_values=True")
+    if conv_matrix not in ("flatten", "slices"):
+        raise ValueError(f"conv_matrix must be 'flatten' or 'slices', got {conv_matrix!r}")
+    unknown = set(conventions) - {"lmech", "weightwatcher"}
+    if unknown or not conventions:
+        raise ValueError(f"conventions must name 'lmech' and/or 'weightwatcher', got {conventions!r}")
+    if min_eigenvalues < max(min_tail, 2):
+        raise ValueError(f"min_eigenvalues={min_eigenvalues} must be at least min_tail={min_tail} (and 2)")
     fm = FunctionalModel(model, params)
     out: dict[str, LayerSpectrum] = {}
     for name in fm.names:
@@ -193,14 +248,36 @@ def weight_spectra(
             continue
         W = _as_matrix(p)
         fro = float(torch.linalg.matrix_norm(W))
-        sv = alpha = None
+        sv = alpha = alpha_ww = reason = None
+        is_conv = p.dim() >= 3 and isinstance(_owner(model, name), nn.modules.conv._ConvNd)
+        matrix = conv_matrix if is_conv else "matrix"
         if singular_values:
-            sv = torch.linalg.svdvals(W)
-            s1 = float(sv[0])
+            if matrix == "slices":
+                sv = torch.cat([_gram_singular_values(m) for m in conv_slices(p)]).sort(descending=True).values
+                s1 = spectral_norm(W, tol=tol)  # of the (out, in * prod(k)) matrix, without an SVD
+            else:
+                sv = _gram_singular_values(W)
+                s1 = float(sv[0])
             eig = (sv**2).cpu().numpy()
             eig = eig[eig > 1e-12 * max(float(eig[0]), 1e-300)]
-            if fit_power_law and eig.size >= min_tail:
-                alpha = power_law_fit(eig, min_tail=min_tail)
+            if fit_power_law and eig.size < min_eigenvalues:
+                reason = (f"{eig.size} nonzero eigenvalues < min_eigenvalues={min_eigenvalues}: "
+                          "too few for a power-law fit")
+            elif fit_power_law:
+                if "lmech" in conventions:
+                    alpha = power_law_fit(eig, min_tail=min_tail)
+                if "weightwatcher" in conventions:
+                    # WeightWatcher's threshold is on eigenvalues of the kernel scaled by
+                    # sqrt(kh kw / 2) (its conv2d_norm) in the slices convention
+                    scale = conv_slice_scale(p) if matrix == "slices" else 1.0
+                    n_ww = int((eig * scale > WW_EVALS_THRESH).sum())
+                    if n_ww < min_eigenvalues:
+                        reason = (f"{n_ww} eigenvalues above WeightWatcher's threshold "
+                                  f"{WW_EVALS_THRESH:g} < min_eigenvalues={min_eigenvalues}: no "
+                                  "WeightWatcher-convention fit")
+                    else:
+                        alpha_ww = power_law_fit_weightwatcher(eig * scale)
+                        alpha_ww.xmin /= scale
         else:
             s1, vec = spectral_norm_and_vector(W, None if start_vectors is None else start_vectors.get(name),
                                                tol=tol)
@@ -219,9 +296,29 @@ def weight_spectra(
         out[name] = LayerSpectrum(
             shape=tuple(W.shape), singular_values=sv, spectral_norm=s1, frobenius_norm=fro,
             stable_rank=fro**2 / s1**2 if s1 > 0 else 0.0, alpha=alpha,
-            rel_change_fro=rel_fro, rel_change_op=rel_op,
+            rel_change_fro=rel_fro, rel_change_op=rel_op, alpha_weightwatcher=alpha_ww,
+            alpha_reason=reason, matrix=matrix,
         )
     return out
+
+
+def _gram_singular_values(M: Tensor) -> Tensor:
+    """Descending singular values of a float64 matrix from its smaller Gram matrix (module
+    docstring): ``min(m, n)`` values, eigenvalues clipped at 0 before the square root."""
+    from scipy.linalg import eigh
+
+    G = (M.T @ M if M.shape[0] >= M.shape[1] else M @ M.T).numpy()
+    lam = eigh(G, eigvals_only=True, driver="evd", overwrite_a=True, check_finite=False)
+    return torch.from_numpy(np.sqrt(np.clip(lam[::-1], 0.0, None)).copy())
+
+
+def _owner(model: nn.Module, name: str) -> nn.Module | None:
+    """The module that holds parameter ``name`` (``None`` if not found)."""
+    path = name.rsplit(".", 1)[0] if "." in name else ""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
 
 
 def spectral_norm(W: Tensor, exact_below: int = 64, tol: float = 1e-5) -> float:
@@ -284,10 +381,13 @@ def spectral_norm_and_vector(W: Tensor, v0: Tensor | None = None, *, exact_below
 class WeightSpectrumProbe:
     r"""Monitor probe: :func:`weight_spectra` of every matrix parameter.
 
-    Metrics per matrix ``<p>``: ``spectral_norm/<p>``, ``stable_rank/<p>``, ``alpha/<p>`` (when
-    fitted), ``rel_change_op/<p>`` and ``rel_change_fro/<p>`` (against the weights at the first
+    Metrics per matrix ``<p>``: ``spectral_norm/<p>``, ``stable_rank/<p>``, ``alpha/<p>`` (lmech's
+    fit) and ``alpha_ww/<p>`` (WeightWatcher's convention; both when fitted: layers with fewer
+    than ``min_eigenvalues`` eigenvalues get none), ``rel_change_op/<p>`` and
+    ``rel_change_fro/<p>`` (against the weights at the first
     measurement, or ``reference``), ``singular_values/<p>`` (array, when
-    ``singular_values=True``); global: ``alpha_mean``, ``stable_rank_mean``,
+    ``singular_values=True``); global: ``alpha_mean`` and ``alpha_ww_mean`` (over the fitted
+    layers; ``nan`` when no layer was), ``stable_rank_mean``,
     ``max_spectral_norm``, ``rel_change_fro`` (all matrices together). Keeps one copy of the
     matrices as the reference. Without ``fit_power_law`` and ``singular_values`` no SVD is taken
     (spectral norms by Lanczos, :func:`spectral_norm`); the Lanczos runs for :math:`W` and for
@@ -301,8 +401,11 @@ class WeightSpectrumProbe:
     shards = True  # reads only the weights, which data parallelism keeps equal on every rank
 
     def __init__(self, *, fit_power_law: bool = True, singular_values: bool = False,
-                 reference: dict[str, Tensor] | None = None, tol: float = 1e-5):
+                 reference: dict[str, Tensor] | None = None, tol: float = 1e-5,
+                 min_eigenvalues: int = 50, conventions: tuple[str, ...] = ("lmech", "weightwatcher"),
+                 conv_matrix: str = "flatten"):
         self.fit_power_law, self.singular_values, self.tol = fit_power_law, singular_values, tol
+        self.min_eigenvalues, self.conventions, self.conv_matrix = min_eigenvalues, conventions, conv_matrix
         self.reference = None if reference is None else {n: t.detach().clone() for n, t in reference.items()}
         self._ref_norms: dict[str, tuple[float, float]] | None = None
         self._start: dict[str, Tensor] = {}  # warm starts of the Lanczos spectral norms of W
@@ -322,9 +425,11 @@ class WeightSpectrumProbe:
                     self._start[n] = vec
         spec = weight_spectra(state.model, state.params, fit_power_law=self.fit_power_law,
                               singular_values=self.fit_power_law or self.singular_values,
-                              start_vectors=self._start, tol=self.tol)
+                              start_vectors=self._start, tol=self.tol,
+                              min_eigenvalues=self.min_eigenvalues, conventions=self.conventions,
+                              conv_matrix=self.conv_matrix)
         out: dict[str, float | Tensor] = {}
-        alphas, ranks, num, den = [], [], 0.0, 0.0
+        alphas, alphas_ww, ranks, num, den = [], [], [], 0.0, 0.0
         for name, s in spec.items():
             out[f"spectral_norm/{name}"] = s.spectral_norm
             out[f"stable_rank/{name}"] = s.stable_rank
@@ -332,6 +437,9 @@ class WeightSpectrumProbe:
             if s.alpha is not None:
                 out[f"alpha/{name}"] = s.alpha.alpha
                 alphas.append(s.alpha.alpha)
+            if s.alpha_weightwatcher is not None:
+                out[f"alpha_ww/{name}"] = s.alpha_weightwatcher.alpha
+                alphas_ww.append(s.alpha_weightwatcher.alpha)
             if name in self.reference:
                 D = _as_matrix(state.model.get_parameter(name)) - _as_matrix(self.reference[name])
                 ref_fro, ref_op = self._ref_norms[name]
@@ -345,8 +453,11 @@ class WeightSpectrumProbe:
                 den += ref_fro**2
             if self.singular_values and s.singular_values is not None:
                 out[f"singular_values/{name}"] = s.singular_values
-        if alphas:
-            out["alpha_mean"] = float(np.mean(alphas))
+        if self.fit_power_law:
+            if "lmech" in self.conventions:
+                out["alpha_mean"] = float(np.mean(alphas)) if alphas else math.nan
+            if "weightwatcher" in self.conventions:
+                out["alpha_ww_mean"] = float(np.mean(alphas_ww)) if alphas_ww else math.nan
         if ranks:
             out["stable_rank_mean"] = float(np.mean(ranks))
             out["max_spectral_norm"] = max(s.spectral_norm for s in spec.values())

@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lmech.experiments.base import CheckRow
+from lmech.contract.checks import CheckRow
 from lmech.errors import ConfigError
 
 
@@ -162,9 +162,8 @@ def verify(names: list[str] | None = None, quick: bool = False, out: str | Path 
     from threadpoolctl import threadpool_limits
 
     from lmech import experiments
+    from lmech.contract.spec import validate_seed
     from lmech.experiments import run_experiment
-
-    from lmech.experiments.base import validate_seed
 
     seed = validate_seed(seed)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:

@@ -159,9 +159,9 @@ def verify(names: list[str] | None = None, quick: bool = False, out: str | Path 
     Bad names raise :class:`ConfigError` before anything runs or is written.
     """
     import torch
-    from threadpoolctl import threadpool_limits
 
     from lmech import experiments
+    from lmech.core.threads import blas_threads
     from lmech.contract.spec import validate_seed
     from lmech.experiments import run_experiment
 
@@ -180,7 +180,7 @@ def verify(names: list[str] | None = None, quick: bool = False, out: str | Path 
     times: dict[str, float] = {}
     errors: dict[str, str] = {}
     try:
-        with threadpool_limits(limits=threads):
+        with blas_threads(threads):
             for name in todo:
                 start = time.perf_counter()
                 started: dict = {}

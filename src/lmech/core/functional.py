@@ -50,6 +50,7 @@ from torch.func import vjp as _func_vjp
 __all__ = [
     "ParamSelector",
     "FunctionalModel",
+    "as_functional",
     "DEFAULT_MAX_BYTES",
     "differentiable_kernels",
     "loss_and_grad",
@@ -193,12 +194,23 @@ def _resolve_selector(model: nn.Module, selector: ParamSelector) -> list[str]:
     return [n for n in canon if n in chosen]
 
 
-def _fmodel(model, params: ParamSelector) -> FunctionalModel:
+def as_functional(model: "nn.Module | FunctionalModel", params: ParamSelector = None) -> FunctionalModel:
+    """``model`` as a :class:`FunctionalModel`: a module is wrapped (with the ``params`` selection), a
+    ``FunctionalModel`` is returned as it is (``params`` must then be ``None``: it has its own).
+
+    Example:
+        >>> fm = as_functional(nn.Linear(2, 1))
+        >>> as_functional(fm) is fm, fm.numel
+        (True, 3)
+    """
     if isinstance(model, FunctionalModel):
         if params is not None:
             raise ValueError("pass `params` only with an nn.Module; a FunctionalModel has its own")
         return model
     return FunctionalModel(model, params)
+
+
+_fmodel = as_functional  # the old private name
 
 
 def _as_tuple(inputs: Inputs) -> tuple:
@@ -264,7 +276,7 @@ def loss_and_grad(
         >>> loss.shape, g["0.weight"].shape
         (torch.Size([]), torch.Size([4, 3]))
     """
-    fm = _fmodel(model, params)
+    fm = as_functional(model, params)
     xs = _as_tuple(inputs)
 
     def loss(p):
@@ -306,7 +318,7 @@ def per_example_grads(
         >>> torch.allclose(g["0.weight"].mean(0), full["0.weight"], atol=1e-6)
         True
     """
-    fm = _fmodel(model, params)
+    fm = as_functional(model, params)
     xs = _as_tuple(inputs)
     b = xs[0].shape[0]
     itemsize = max((p.element_size() for p in fm.params.values()), default=4)
@@ -341,7 +353,7 @@ def jvp(
         >>> out.shape == jv.shape == (5, 2)
         True
     """
-    fm = _fmodel(model, params)
+    fm = as_functional(model, params)
     xs = _as_tuple(inputs)
     v = _match_keys(tangents, fm, "tangents")
     with differentiable_kernels():
@@ -364,7 +376,7 @@ def vjp(
         >>> g["2.bias"]
         tensor([5., 5.])
     """
-    fm = _fmodel(model, params)
+    fm = as_functional(model, params)
     xs = _as_tuple(inputs)
     _, pullback = _func_vjp(lambda p: fm(p, *xs), fm.params)
     (g,) = pullback(cotangent)
@@ -397,7 +409,7 @@ def hvp(
         >>> vHv.shape
         torch.Size([])
     """
-    fm = _fmodel(model, params)
+    fm = as_functional(model, params)
     xs = _as_tuple(inputs)
     v = _match_keys(vectors, fm, "vectors")
 
@@ -436,7 +448,7 @@ def jacobian(
         >>> ntk.shape
         torch.Size([10, 10])
     """
-    fm = _fmodel(model, params)
+    fm = as_functional(model, params)
     xs = _as_tuple(inputs)
     if max_bytes is not None:
         with torch.no_grad():

@@ -58,7 +58,7 @@ from torch.func import jacrev, vmap
 from torch.func import jvp as _func_jvp
 from torch.func import vjp as _func_vjp
 
-from lmech.core.functional import DEFAULT_MAX_BYTES, FunctionalModel, ParamSelector, unflatten
+from lmech.core.functional import DEFAULT_MAX_BYTES, FunctionalModel, ParamSelector, as_functional, unflatten
 from lmech.core.linalg import check_memory
 from lmech.probes.base import Cost, TrainState, differentiable_kernels, layer_groups, split_batch
 
@@ -77,14 +77,6 @@ __all__ = [
 
 Implementation = Literal["jacobian", "products", "auto"]
 Inputs = Union[Tensor, tuple]
-
-
-def _fmodel(model, params) -> FunctionalModel:
-    if isinstance(model, FunctionalModel):
-        if params is not None:
-            raise ValueError("pass `params` only with an nn.Module; a FunctionalModel has its own")
-        return model
-    return FunctionalModel(model, params)
 
 
 def _as_tuple(x: Inputs) -> tuple:
@@ -144,7 +136,7 @@ def per_example_jacobian(
         >>> per_example_jacobian(net, torch.randn(5, 3)).shape
         torch.Size([5, 2, 26])
     """
-    fm = _fmodel(model, params)
+    fm = as_functional(model, params)
     xs = _as_tuple(x)
     out_shape = _out_shape(fm, xs)
     o = math.prod(out_shape)
@@ -245,7 +237,7 @@ def ntk_cost(
         >>> ntk_cost(net, torch.randn(32, 10)).choice   # one output: contraction is cheap
         'jacobian'
     """
-    fm = _fmodel(model, params)
+    fm = as_functional(model, params)
     xs1 = _as_tuple(x)
     xs2 = None if x2 is None else _as_tuple(x2)
     o = math.prod(_out_shape(fm, xs1))
@@ -353,7 +345,7 @@ def ntk(
     """
     if implementation not in ("jacobian", "products", "auto"):
         raise ValueError(f"implementation must be 'jacobian', 'products' or 'auto', got {implementation!r}")
-    fm = _fmodel(model, params)
+    fm = as_functional(model, params)
     _check_eval_mode(fm)
     xs1 = _as_tuple(x)
     xs2 = None if x2 is None else _as_tuple(x2)

@@ -51,6 +51,7 @@ from torch.func import jvp as _func_jvp
 from lmech.core.functional import (
     DEFAULT_MAX_BYTES,
     FunctionalModel,
+    as_functional,
     ParamSelector,
     flatten,
     loss_and_grad,
@@ -228,12 +229,7 @@ class HessianOperator:
         batch_size: int | None = None,
     ):
         inputs, targets = split_batch(batch)
-        if isinstance(model, FunctionalModel):
-            if params is not None:
-                raise ValueError("pass `params` only with an nn.Module; a FunctionalModel has its own")
-            fm = model
-        else:
-            fm = FunctionalModel(model, params)
+        fm = as_functional(model, params)
         self.fm = fm
         self.loss_fn = loss_fn
         self.names = fm.names

@@ -13,7 +13,6 @@ from lmech.contract.checks import CheckRow
 from lmech.contract.registry import _ENTRIES, get, module_of, names, register, unregister
 from lmech.contract.spec import Experiment
 from lmech.errors import ConfigError
-from lmech.experiments.runner import run_experiment
 
 for _name, _module in {
     "grokking": "lmech.experiments.grokking",
@@ -39,6 +38,18 @@ del _name, _module
 # The old private name of the registry's table (the same dict object), for code written against it;
 # use register() / unregister() / module_of() instead.
 _CATALOG = _ENTRIES
+
+
+
+def __getattr__(name: str):
+    # run_experiment is imported on first use: importing the catalog's table (the lab, `lmech list`)
+    # loads no entry and no executor
+    if name == "run_experiment":
+        from lmech.experiments.runner import run_experiment
+
+        return run_experiment
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["CheckRow", "ConfigError", "Experiment", "get", "module_of", "names", "register", "run_experiment",
            "unregister"]

@@ -1,7 +1,7 @@
 r"""Label noise in the signal channel and the reservoir (Litman & Guo 2026, Sec. 3 and Fig. 1;
 notes ``shared/research/generalization-theory.md`` 1.3, 1.6 and checks 5 and 11).
 
-A binary task with +-1 targets (:func:`lmech.experiments._signal.binary_task`: sklearn digits
+A binary task with +-1 targets (:func:`lmech.experiments.signal_runs.binary_task`: sklearn digits
 ``>= 5`` by default) has a fraction ``noise`` = :math:`q` of its training labels flipped. An MLP is
 trained on the squared loss with a :class:`lmech.probes.gramian.PathRecorder` attached. The
 initial residual :math:`r_0 = u_0 - y` splits into a clean part :math:`u_0 - y_\text{clean}`
@@ -46,7 +46,7 @@ from typing import Literal
 
 import torch
 
-from lmech.experiments._signal import BINARY_TASKS, binary_task, pearson, record_training
+from lmech.experiments.signal_runs import BINARY_TASKS, binary_task, pearson, record_training
 from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.models import MLP
 from lmech.probes.gramian import half_mse

@@ -64,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from lmech.experiments._laws import first_crossing, loglog_slope
+from lmech.experiments.laws import first_crossing, loglog_slope
 from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.models import MLP
 from lmech.tasks import sparse_parity

@@ -26,8 +26,9 @@ Checks (per run): with gradient descent, the coupling :math:`A\,\Delta U_S` vs :
 reservoir fraction of the noise energy exceeds that of the clean residual at the first readout);
 and the paper's validation-free claim for the leave-one-out estimates (``poprisk_loo`` and
 ``poprisk_gcv``, each): correlation over training with the held-out noisy loss >= 0.9, and final
-level within 25% of it (tolerances fixed before the first run of these estimates). The study over :math:`q` (a sweep: the
-table and figure of docs/results/signal-reservoir.md) is ``scripts/label_noise_table.py``; an entry runs once.
+level within 25% of it (tolerances fixed before the first run of these estimates). The study over
+:math:`q` (a sweep: the table and figure of docs/results/signal-reservoir.md) is
+``scripts/label_noise_table.py``; an entry runs once.
 
 ``optimizer``: ``gd`` is full-batch gradient descent, ``sgd`` the same on minibatches of
 ``batch_size`` (required), ``adam`` and ``poprisk`` take ``lr`` (default 1e-3; full batch unless

@@ -5,7 +5,7 @@ the divergence handling, the logging into the run and, on request, a :class:`lme
 Schedule (what every entry that uses it shares, bit for bit with the loops it replaced)::
 
     for step in 0 .. steps:
-        if step % eval_every == 0 or step == steps:
+        if eval_at(step):                            # default: step % eval_every == 0 or step == steps
             metrics = evaluate(step)                 # no_grad is the entry's business
             check_finite(metrics[watch])             # DivergedError -> the run reads "diverged"
             run.log(step, **metrics, **extras())     # e.g. weight norm, optimizer diagnostics
@@ -77,6 +77,8 @@ class TrainingLoop:
         probe_batch: ``(inputs, targets)`` the Monitor measures on (needed unless ``probes="none"``).
         probe_loss: ``loss_fn(outputs, targets)`` for the Monitor's probes.
         probe_every: Monitor interval in steps (default ``eval_every``).
+        eval_at: ``step -> bool``, which steps are evaluated (after that many updates), for schedules
+            other than every ``eval_every`` steps and the last (e.g. geometrically spaced steps).
         stopped_at: set by :func:`train`: the step training ended at (``steps``, or earlier).
     """
 
@@ -93,6 +95,7 @@ class TrainingLoop:
     probe_batch: tuple | None = None
     probe_loss: Callable[[Tensor, Tensor], Tensor] | None = None
     probe_every: int | None = None
+    eval_at: Callable[[int], bool] | None = None
     stopped_at: int | None = None
 
     def monitor(self, run):
@@ -115,7 +118,8 @@ def train(run, loop: TrainingLoop) -> dict:
     last_good, evals = 0, {}
     try:
         for step in range(loop.steps + 1):
-            if step % loop.eval_every == 0 or step == loop.steps:
+            due = (step % loop.eval_every == 0 or step == loop.steps) if loop.eval_at is None else loop.eval_at(step)
+            if due:
                 evals = loop.evaluate(step)
                 check_finite(evals[loop.watch], step, last_good)
                 run.log(step, **evals, **loop.extras())

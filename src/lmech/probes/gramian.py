@@ -82,9 +82,9 @@ from lmech.core.linalg import check_memory
 from lmech.probes.base import Cost, TrainState
 from lmech.probes.channel import (CUT_FRACTION, ChannelSplit, GramianReadout, _corr_relerr, channel_split,
                                   frozen_gramian_eigenvalues)
-from lmech.probes.gramian_path import GramianPath, _Interval, _interval_ops
+from lmech.probes.gramian_path import GramianPath, _Interval, _interval_ops, _IntervalOps  # noqa: F401 (old path)
 from lmech.probes.ntk import kernel_drift, per_example_jacobian
-from lmech.probes.optimizer_state import UpdateModel, optimizer_preconditioner, optimizer_update
+from lmech.probes.optimizer_state import UpdateModel, _per_param, optimizer_preconditioner, optimizer_update  # noqa: F401
 from lmech.probes.path_loo import PathLOO, path_loo
 
 __all__ = [

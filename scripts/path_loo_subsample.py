@@ -10,7 +10,7 @@ so H_ii ~ D_ii / n). Prints both estimates and mean self-leverages over training
 
 import torch
 
-from lmech.experiments._signal import binary_task, gd_step_size, initial_kernel
+from lmech.experiments.signal_runs import binary_task, gd_step_size, initial_kernel
 from lmech.models import MLP
 from lmech.probes.gramian import PathRecorder, half_mse
 from lmech.probes.path_loo import path_loo

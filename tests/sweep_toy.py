@@ -10,7 +10,7 @@ import signal
 from dataclasses import dataclass
 from typing import Literal
 
-from lmech.experiments.base import Experiment, require
+from lmech.contract.spec import Experiment, require
 from lmech.train import check_finite
 
 

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from lmech import experiments
 from lmech.cli import app
-from lmech.experiments.base import config_fields
+from lmech.contract.spec import config_fields
 
 VALUES = ["-1", "0", "1", "2", "0.5", "1e-3", "nan", "inf", "-inf", "1e308", "99999999999999999999", "abc",
           "", "[bold]x", "[/x]", "[mlp]", "true", "none", "1,2", "=", "a=b", "\u00e9", "%s", "{0}", "'",

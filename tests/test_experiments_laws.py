@@ -1,9 +1,9 @@
-"""lmech.experiments._laws: the small helpers the law-catalog entries share."""
+"""lmech.experiments.laws: the small helpers the law-catalog entries share."""
 
 import numpy as np
 import pytest
 
-from lmech.experiments._laws import first_crossing, loglog_slope, order_row, parse_list
+from lmech.experiments.laws import first_crossing, loglog_slope, order_row, parse_list
 from lmech.errors import ConfigError
 
 

@@ -161,7 +161,7 @@ def _network_case(n_train: int, steps: int, width: int, noise: float = 0.0, seed
     """The label-noise entry's training (digits >= 5, MLP, full-batch GD at step_size 0.3), recorded,
     and its exact leave-one-out loss: the same init and learning rate, each example left out once
     (the loss is a sum over the kept examples / n, so every example's step is the one it had)."""
-    from lmech.experiments._signal import binary_task, record_training
+    from lmech.experiments.signal_runs import binary_task, record_training
     from lmech.models import MLP
 
     data = binary_task("digits", n_train, 8, noise, seed)

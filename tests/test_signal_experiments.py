@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lmech.experiments import ConfigError, get, run_experiment
-from lmech.experiments._signal import binary_task
+from lmech.experiments.signal_runs import binary_task
 from lmech.runs import RunStore
 
 

@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from lmech import experiments
+from lmech.contract import register, unregister
 from lmech.cli import app
 from lmech.errors import ConfigError
 from lmech.runs import RunStore, config_hash, load
@@ -29,8 +30,9 @@ TINY_SETS = [f"{k}={v}" for k, v in TINY.items()]
 def toy(monkeypatch):
     """Register the test-only experiment tests/sweep_toy.py as catalog entry 'sweep-toy'."""
     monkeypatch.syspath_prepend(str(TESTS))
-    monkeypatch.setitem(experiments._CATALOG, "sweep-toy", "sweep_toy")
-    return "sweep-toy"
+    register("sweep-toy", "sweep_toy")
+    yield "sweep-toy"
+    unregister("sweep-toy")
 
 
 def assert_store_consistent(root: Path) -> None:

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from lmech import experiments
 from lmech.cli import app
-from lmech.experiments.base import CheckRow, Experiment
+from lmech.contract import CheckRow, Experiment, register, unregister
 from lmech.errors import ConfigError
 from lmech.verify import LAW_CATALOG, VerifyResult, checked_names, default_names, resolve_names, verify
 
@@ -100,8 +100,11 @@ def fake_entries(monkeypatch):
                                   quick={"crash": True})
     monkeypatch.setitem(sys.modules, module.__name__, module)
     monkeypatch.setitem(sys.modules, crash.__name__, crash)
-    monkeypatch.setitem(experiments._CATALOG, "fake-law", module.__name__)
-    monkeypatch.setitem(experiments._CATALOG, "fake-crash", crash.__name__)
+    register("fake-law", module.__name__)
+    register("fake-crash", crash.__name__)
+    yield
+    unregister("fake-law")
+    unregister("fake-crash")
 
 
 def test_failing_check_fails_verify_and_the_cli_exits_1(fake_entries, tmp_path):

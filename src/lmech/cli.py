@@ -20,6 +20,8 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from lmech.contract.spec import parse_grid, parse_point  # noqa: F401  (their old import path)
+
 class _OneLineErrors(typer.core.TyperGroup):
     """Usage errors (a bad option type, a missing argument) as one ``error:`` line, exit 2, like every
     other bad input, instead of click's multi-line usage box."""
@@ -99,7 +101,7 @@ def list_experiments() -> None:
 def show(experiment: str = typer.Argument(..., help="experiment name (see `lmech list`)")) -> None:
     """Show an experiment's config keys: type (or allowed values), default, quick value and what each is."""
     from lmech import experiments
-    from lmech.experiments.base import describe_config
+    from lmech.contract.spec import describe_config
     from lmech.errors import ConfigError
 
     try:
@@ -129,11 +131,11 @@ def run(
     from lmech import experiments
     from lmech.errors import ConfigError
 
-    from lmech.experiments.base import validate_seed
+    from lmech.contract.spec import validate_seed
 
     try:
         exp = experiments.get(experiment)
-        exp.make_config(set_, quick=quick)  # validate before anything touches the disk
+        cfg = exp.make_config(set_, quick=quick)  # validate before anything touches the disk
         validate_seed(seed)
         limit = None if max_memory is None else parse_bytes(max_memory)
     except ConfigError as err:
@@ -160,7 +162,7 @@ def run(
                           highlight=False, markup=False, soft_wrap=True)
 
     try:
-        summary = experiments.run_experiment(experiment, set_, seed=seed, out=out, quick=quick, on_start=on_start,
+        summary = experiments.run_experiment(experiment, config=cfg, seed=seed, out=out, on_start=on_start,
                                              progress=RunProgress(console), max_memory=limit)
     except KeyboardInterrupt:
         _fail("interrupted; the run folder is kept and marked incomplete", code=130)
@@ -262,39 +264,6 @@ def parse_bytes(text: str) -> int:
     return int(value)
 
 
-def parse_point(item: str) -> dict:
-    """``"optimizer=poprisk,gate=soft"`` -> ``{"optimizer": "poprisk", "gate": "soft"}`` (typed later)."""
-    from lmech.errors import ConfigError
-
-    point: dict = {}
-    for pair in (p.strip() for p in item.split(",") if p.strip()):
-        key, sep, value = pair.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"--point {item!r} is not key=value,key=value (e.g. --point optimizer=poprisk,gate=soft)")
-        if key.strip() in point:
-            raise ConfigError(f"--point {item!r} sets {key.strip()} twice")
-        point[key.strip()] = value.strip()
-    if not point:
-        raise ConfigError("--point is empty; give key=value,key=value")
-    return point
-
-
-def parse_grid(items: List[str]) -> dict:
-    """``["lr=1e-3,1e-2", "width=64,128"]`` -> ``{"lr": ["1e-3", "1e-2"], ...}`` (typed later)."""
-    from lmech.errors import ConfigError
-
-    grid: dict = {}
-    for item in items:
-        key, sep, values = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise ConfigError(f"--grid {item!r} is not key=v1,v2,... (e.g. --grid lr=1e-3,1e-2)")
-        if key in grid:
-            raise ConfigError(f"--grid {key} is given twice; list all its values in one --grid {key}=v1,v2")
-        grid[key] = [v.strip() for v in values.split(",") if v.strip()]
-    return grid
-
-
 @app.command("compare")
 def compare(
     experiment: str = typer.Argument(..., help="experiment name (see `lmech list`)"),
@@ -342,7 +311,8 @@ def runs(
         store.reindex()
     if sweep_name is not None:
         from lmech.errors import ConfigError
-        from lmech.sweeps import summary, sweep_table
+        from lmech.runs.manifests import summary
+        from lmech.sweeps import sweep_table
 
         try:
             console.print(sweep_table(summary(sweep_name, out=out), title=f"sweep {sweep_name}"))
@@ -413,7 +383,7 @@ def verify(
         mark = "[green]ok[/]" if state == "done" and not bad else f"[red]{bad} failing[/]"
         console.print(f"{name}: {state}, {len(rows)} checks, {mark} ({seconds:.1f} s)", highlight=False)
 
-    from lmech.experiments.base import validate_seed
+    from lmech.contract.spec import validate_seed
 
     try:
         validate_seed(seed)

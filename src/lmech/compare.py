@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from lmech.experiments.base import validate_seed
+from lmech.contract.spec import parse_grid, parse_sets, validate_seed
 from lmech.errors import ConfigError
 
 
@@ -327,9 +327,6 @@ def compare_command(
     quick: bool,
 ) -> Comparison:
     """What ``lmech compare`` runs (parsing of its repeated options included)."""
-    from lmech.cli import parse_grid
-    from lmech.experiments.base import parse_sets
-
     from lmech import experiments
 
     exp = experiments.get(experiment)

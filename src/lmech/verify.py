@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from lmech.experiments.base import CheckRow
+from lmech.contract.checks import CheckRow
 from lmech.errors import ConfigError
 
 
@@ -160,12 +160,11 @@ def verify(names: list[str] | None = None, quick: bool = False, out: str | Path 
     Bad names raise :class:`ConfigError` before anything runs or is written.
     """
     import torch
-    from threadpoolctl import threadpool_limits
 
     from lmech import experiments
+    from lmech.core.threads import blas_threads
+    from lmech.contract.spec import validate_seed
     from lmech.experiments import run_experiment
-
-    from lmech.experiments.base import validate_seed
 
     seed = validate_seed(seed)
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
@@ -182,7 +181,7 @@ def verify(names: list[str] | None = None, quick: bool = False, out: str | Path 
     times: dict[str, float] = {}
     errors: dict[str, str] = {}
     try:
-        with threadpool_limits(limits=threads):
+        with blas_threads(threads):
             for name in todo:
                 start = time.perf_counter()
                 started: dict = {}

@@ -57,6 +57,7 @@ from lmech.core.batch import Output, adapt, tensor_output
 __all__ = [
     "ParamSelector",
     "FunctionalModel",
+    "as_functional",
     "DEFAULT_MAX_BYTES",
     "differentiable_kernels",
     "loss_and_grad",
@@ -200,12 +201,23 @@ def _resolve_selector(model: nn.Module, selector: ParamSelector) -> list[str]:
     return [n for n in canon if n in chosen]
 
 
-def _fmodel(model, params: ParamSelector) -> FunctionalModel:
+def as_functional(model: "nn.Module | FunctionalModel", params: ParamSelector = None) -> FunctionalModel:
+    """``model`` as a :class:`FunctionalModel`: a module is wrapped (with the ``params`` selection), a
+    ``FunctionalModel`` is returned as it is (``params`` must then be ``None``: it has its own).
+
+    Example:
+        >>> fm = as_functional(nn.Linear(2, 1))
+        >>> as_functional(fm) is fm, fm.numel
+        (True, 3)
+    """
     if isinstance(model, FunctionalModel):
         if params is not None:
             raise ValueError("pass `params` only with an nn.Module; a FunctionalModel has its own")
         return model
     return FunctionalModel(model, params)
+
+
+_fmodel = as_functional  # the old private name
 
 
 def _as_tuple(inputs: Inputs) -> tuple:

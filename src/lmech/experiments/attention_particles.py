@@ -42,7 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from lmech.core.threads import blas_threads
-from lmech.experiments._laws import first_crossing
+from lmech.experiments.laws import first_crossing
 from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.theory import attention as at
 

@@ -37,7 +37,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from lmech.experiments._signal import initial_kernel, pearson, record_training
+from lmech.experiments.signal_runs import initial_kernel, pearson, record_training
 from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.models import MLP
 from lmech.probes.gramian import frozen_gramian_eigenvalues

@@ -1,7 +1,7 @@
 r"""Model-wise double descent through the signal channel (Litman & Guo 2026, App. H / Fig. 1;
 notes ``shared/research/generalization-theory.md`` 1.3 and check 6).
 
-MNIST-1D digits 0 vs 1 (+-1 targets, :func:`lmech.experiments._signal.binary_task`), a fraction
+MNIST-1D digits 0 vs 1 (+-1 targets, :func:`lmech.experiments.signal_runs.binary_task`), a fraction
 ``noise`` of the training labels flipped, one-hidden-layer ReLU MLPs of every width in ``widths``
 trained by full-batch gradient descent on the squared loss for the same number of steps (fixed step
 size :math:`\eta = c\,n/\lambda_{\max}(K_0)`). The interpolation threshold sits near
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmech.experiments._signal import binary_task, record_training
+from lmech.experiments.signal_runs import binary_task, record_training
 from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.errors import ConfigError
 from lmech.models import MLP

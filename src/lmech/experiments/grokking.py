@@ -22,21 +22,25 @@ grokking literature notes float32 softmax underflow slows late-phase learning).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Union
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from lmech.experiments.base import CheckRow, Experiment, require
-from lmech.experiments.optimizer_keys import optimizer_diagnostics, optimizer_options, validate_optimizer_keys
+from lmech.experiments.loop import ProbeLevel
+from lmech.experiments.optimizer_keys import (OptimizerKeys, optimizer_diagnostics, optimizer_options,
+                                              validate_optimizer_keys)
 from lmech.models import MLP, Transformer
+from lmech.monitor import Monitor
 from lmech.optim import build_optimizer
 from lmech.tasks import modular_arithmetic
 from lmech.train import check_finite, evaluate, minibatches, weight_norm
 
 
 @dataclass
-class GrokkingConfig:
+class GrokkingConfig(OptimizerKeys):
+    # optimizer, and PopRiskAdamW / Grokfast-EMA keys: lmech.experiments.optimizer_keys.OptimizerKeys
     model: Literal["transformer", "mlp"] = "transformer"  # 2-layer transformer on tokens, or MLP on one-hots
     op: Literal["+", "-", "*", "/"] = "/"                 # c = a op b mod p
     p: int = 97                                            # the modulus (a prime)
@@ -48,23 +52,13 @@ class GrokkingConfig:
     beta2: float = 0.98
     warmup: int = 10                                       # linear learning-rate warm-up, steps
     batch_size: int = 512                                  # minibatch size (>= n_train: full batch)
-    optimizer: Literal["adamw", "adam", "sgd", "poprisk", "grokfast"] = "adamw"
-    # PopRiskAdamW (optimizer=poprisk) and Grokfast-EMA (optimizer=grokfast): lmech.experiments.optimizer_keys
-    gate: Literal["soft", "hard", "snr", "none"] = "soft"  # PopRiskAdamW's gate
-    alpha: Union[float, Literal["fresh", "finite"]] = "fresh"  # leave-one-out weight: a number, 1, or b/(n-b)
-    softness: float = 1.0                                  # the gate's lambda
-    rho: float = 0.99                                      # EMA rate of the gradient-variance estimate
-    gate_warmup: int = 0                                   # steps with the gate held open
-    gate_weight_decay: bool = False                        # multiply the weight decay by the gate
-    reduction: Literal["element", "tensor"] = "element"   # one gate per element or per tensor
-    grokfast_alpha: float = 0.98                           # Grokfast's gradient EMA rate
-    grokfast_lamb: float = 2.0                             # Grokfast's amplification
     width: int = 128                                       # model width (d_model or hidden units)
     depth: int = 2                                         # layers
     heads: int = 4                                         # attention heads (transformer)
     eval_every: int = 50                                   # steps between evaluations on the full splits
     patience: int = 1000                                   # stop once held-out accuracy stayed >= 99% this long
     checkpoint_every: int = 2000                           # steps between checkpoints (0: never)
+    probes: ProbeLevel = "none"                            # a lmech.Monitor preset every eval_every steps, or none
 
     def validate(self) -> None:
         require(self.p >= 3, f"p must be a prime >= 3, got {self.p}")
@@ -139,6 +133,10 @@ def run(cfg: GrokkingConfig, run, seed: int) -> dict:
         torch.set_rng_state(state["torch_rng"])
         step_95, step_99, above_99_since = state["marks"]
     last_good, step = start, start
+    # the Monitor restores every random generator after measuring: training is the same with or without it
+    monitor = None if cfg.probes == "none" else Monitor(
+        model, cross_entropy, (data.x_train[:256], data.y_train[:256]), probes=cfg.probes, every=cfg.eval_every,
+        sinks=[run])
     model.train()
     for step in range(start, cfg.steps + 1):
         evaluated_before = resumed is not None and step == start  # logged by the attempt that saved it
@@ -172,6 +170,10 @@ def run(cfg: GrokkingConfig, run, seed: int) -> dict:
         value = float(loss.detach())
         check_finite(value, step + 1, last_good)
         last_good = step + 1
+        if monitor is not None:
+            monitor.step(step + 1, optimizer=optimizer)
+    if monitor is not None:
+        monitor.close()
 
     final_test = evaluate(model, data.x_test, data.y_test, cross_entropy)
     _save_figure(run, cfg, step_95, step_99)

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lmech.experiments._signal import record_training, sign_error
+from lmech.experiments.signal_runs import record_training, sign_error
 from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.models import MLP
 from lmech.probes.ntk import kernel_target_alignment

@@ -39,11 +39,12 @@ import torch
 from torch import Tensor, nn
 
 from lmech.experiments.base import CheckRow, Experiment, require
+from lmech.experiments.loop import ProbeLevel, TrainingLoop, train
 from lmech.experiments.optimizer_keys import (OptimizerKeys, optimizer_diagnostics, optimizer_options,
                                               validate_optimizer_keys)
 from lmech.models import MLP
 from lmech.optim import build_optimizer
-from lmech.train import check_finite, minibatches, weight_norm
+from lmech.train import minibatches, weight_norm
 
 
 @dataclass
@@ -62,6 +63,8 @@ class INRNoiseConfig(OptimizerKeys):
     beta1: float = 0.9
     beta2: float = 0.999
     eval_every: int = 25
+    # instruments: none, or a lmech.Monitor preset (economy, full) measured every eval_every steps
+    probes: ProbeLevel = "none"
 
     def validate(self) -> None:
         require(self.resolution >= 4, f"resolution must be >= 4, got {self.resolution}")
@@ -133,27 +136,28 @@ def run(cfg: INRNoiseConfig, run, seed: int) -> dict:
                                 betas=(cfg.beta1, cfg.beta2), **optimizer_options(cfg, batch, n))
     batches = minibatches(n, cfg.batch_size, gen)
 
-    best, best_step, last_good, evals = math.inf, 0, 0, {}
-    for step in range(cfg.steps + 1):
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            with torch.no_grad():
-                pred = model(x)
-                evals = dict(train_mse=float((pred - y).square().mean()),
-                             clean_mse=float((pred - clean).square().mean()),
-                             interp_mse=float((model(x_mid) - clean_mid).square().mean()))
-            check_finite(evals["train_mse"], step, last_good)
-            run.log(step, **evals, weight_norm=weight_norm(model), **optimizer_diagnostics(optimizer))
-            if evals["clean_mse"] < best:
-                best, best_step = evals["clean_mse"], step
-        if step == cfg.steps:
-            break
+    best = {"mse": math.inf, "step": 0}
+
+    def evaluate(step: int) -> dict:
+        with torch.no_grad():
+            pred = model(x)
+            return dict(train_mse=float((pred - y).square().mean()),
+                        clean_mse=float((pred - clean).square().mean()),
+                        interp_mse=float((model(x_mid) - clean_mid).square().mean()))
+
+    def on_eval(step: int, evals: dict) -> None:
+        if evals["clean_mse"] < best["mse"]:
+            best.update(mse=evals["clean_mse"], step=step)
+
+    def loss(step: int) -> Tensor:
         idx = next(batches)
-        loss = (model(x[idx]) - y[idx]).square().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        check_finite(float(loss.detach()), step + 1, last_good)
-        last_good = step + 1
+        return (model(x[idx]) - y[idx]).square().mean()
+
+    evals = train(run, TrainingLoop(
+        model, optimizer, cfg.steps, cfg.eval_every, loss, evaluate, watch="train_mse",
+        extras=lambda: dict(weight_norm=weight_norm(model), **optimizer_diagnostics(optimizer)), on_eval=on_eval,
+        probes=cfg.probes, probe_batch=(x[:256], y[:256]), probe_loss=torch.nn.functional.mse_loss))
+    best, best_step = best["mse"], best["step"]
 
     with torch.no_grad():
         fit = model(x)

@@ -59,7 +59,7 @@ from typing import Literal
 import numpy as np
 
 from lmech.core.threads import blas_threads
-from lmech.experiments._laws import parse_list
+from lmech.experiments.laws import parse_list
 from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.tasks import mnist1d
 from lmech.theory import kernels as kr

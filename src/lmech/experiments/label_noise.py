@@ -1,7 +1,7 @@
 r"""Label noise in the signal channel and the reservoir (Litman & Guo 2026, Sec. 3 and Fig. 1;
 notes ``shared/research/generalization-theory.md`` 1.3, 1.6 and checks 5 and 11).
 
-A binary task with +-1 targets (:func:`lmech.experiments._signal.binary_task`: sklearn digits
+A binary task with +-1 targets (:func:`lmech.experiments.signal_runs.binary_task`: sklearn digits
 ``>= 5`` by default) has a fraction ``noise`` = :math:`q` of its training labels flipped. An MLP is
 trained on the squared loss with a :class:`lmech.probes.gramian.PathRecorder` attached. The
 initial residual :math:`r_0 = u_0 - y` splits into a clean part :math:`u_0 - y_\text{clean}`
@@ -26,8 +26,9 @@ Checks (per run): with gradient descent, the coupling :math:`A\,\Delta U_S` vs :
 reservoir fraction of the noise energy exceeds that of the clean residual at the first readout);
 and the paper's validation-free claim for the leave-one-out estimates (``poprisk_loo`` and
 ``poprisk_gcv``, each): correlation over training with the held-out noisy loss >= 0.9, and final
-level within 25% of it (tolerances fixed before the first run of these estimates). :func:`noise_table` runs the sweep over :math:`q` and builds the
-table and figure of docs/results/signal-reservoir.md (``python -m lmech.experiments.label_noise``).
+level within 25% of it (tolerances fixed before the first run of these estimates). The study over
+:math:`q` (a sweep: the table and figure of docs/results/signal-reservoir.md) is
+``scripts/label_noise_table.py``; an entry runs once.
 
 ``optimizer``: ``gd`` is full-batch gradient descent, ``sgd`` the same on minibatches of
 ``batch_size`` (required), ``adam`` and ``poprisk`` take ``lr`` (default 1e-3; full batch unless
@@ -41,15 +42,12 @@ Made to back the interactive label-noise playground: one run (any ``noise``, ``o
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 
-from lmech.experiments._signal import BINARY_TASKS, binary_task, pearson, record_training
+from lmech.experiments.signal_runs import BINARY_TASKS, binary_task, pearson, record_training
 from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.models import MLP
 from lmech.probes.gramian import half_mse
@@ -175,56 +173,6 @@ def check(result: dict) -> list[CheckRow]:
     return rows
 
 
-def noise_table(qs=(0.0, 0.1, 0.2, 0.3, 0.4), sets: dict | None = None, seeds: int = 1, out: str | Path = "runs",
-                workers: int = 1, quick: bool = False):
-    """Run ``label-noise`` for every noise level in ``qs`` (a resumable sweep) and return the table:
-    one row per run with the noise reservoir fractions, test error, the population-risk estimates'
-    final levels and correlations with the held-out loss (leave-one-out, GCV and the U-statistic
-    reconstruction; the training loss's correlation for comparison), the channel noise energy and
-    the coupling."""
-    from lmech.sweeps import run_sweep
-
-    df = run_sweep("label-noise", sets=dict(sets or {}), grid={"noise": list(qs)}, seeds=seeds, workers=workers,
-                   out=out, quick=quick, progress=False)
-    keep = ["noise", "seed", "state", "final_test_error", "min_test_error", "final_train_error",
-            "noise_reservoir_fraction_first", "noise_reservoir_fraction_final", "signal_reservoir_fraction_final",
-            "noise_channel_final", "noise_transfer_final", "final_heldout_noisy_loss", "poprisk_loo_final",
-            "poprisk_gcv_final", "poprisk_ustat_final", "poprisk_loo_corr_heldout", "poprisk_gcv_corr_heldout",
-            "poprisk_ustat_corr_heldout", "train_loss_corr_heldout", "coupling_corr", "run_id"]
-    return df[[c for c in keep if c in df.columns]].sort_values(["noise", "seed"]).reset_index(drop=True)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``python -m lmech.experiments.label_noise [--qs 0,0.1,...] [--set k=v] [--quick] --out runs
-    --docs docs/results``: the table over q (markdown) and its figure."""
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("--qs", default="0,0.1,0.2,0.3,0.4")
-    parser.add_argument("--set", action="append", default=[], dest="sets")
-    parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--workers", type=int, default=1)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="runs")
-    parser.add_argument("--docs", default=None, help="folder for label_noise_table.md and label_noise_table.png")
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    sets = dict(s.split("=", 1) for s in args.sets)
-    df = noise_table([float(q) for q in args.qs.split(",")], sets, args.seeds, args.out, args.workers, args.quick)
-    from lmech.report.signal_reservoir import markdown_table
-
-    text = markdown_table(df.drop(columns=["run_id"]))
-    print(text)
-    if args.docs:
-        from lmech.report.signal_reservoir import noise_table_figure
-        from lmech.runs import RunStore
-
-        docs = Path(args.docs)
-        docs.mkdir(parents=True, exist_ok=True)
-        (docs / "label_noise_table.md").write_text(text + "\n")
-        store = RunStore(Path(args.out))
-        curves = {float(r.noise): store.metrics(r.run_id, wide=True) for r in df.itertuples()}
-        noise_table_figure(df, curves).savefig(docs / "label_noise_table.png", dpi=120, bbox_inches="tight")
-
-
 EXPERIMENT = Experiment(
     name="label-noise",
     summary="label noise q in the signal channel vs the reservoir: four-cell decomposition, test error, "
@@ -234,7 +182,3 @@ EXPERIMENT = Experiment(
     check=check,
     quick={"n_train": 128, "n_query": 64, "width": 64, "steps": 200, "readout_every": 20},
 )
-
-
-if __name__ == "__main__":
-    main()

@@ -180,6 +180,22 @@ def train_once(width: int, parameterization: str, cfg: MupConfig, lr: float, dat
         return float(F.cross_entropy(model(x), y))
 
 
+def _coordinate_checks(run, cfg: MupConfig, family: str, factory, widths: list[int], batch, lr: float,
+                       seeds: list[int], coord: dict, result: dict) -> None:
+    """The SP and muP coordinate checks of one model family: logged under ``coord/<family>/<par>``,
+    the frames kept in ``coord[(family, par)]``, slopes per doubling in ``result``."""
+    for par in ("sp", "mup"):
+        df = coord_check(factory, widths, batch, F.cross_entropy, base_width=BASE_WIDTH, parameterization=par,
+                         optimizer=cfg.optimizer, lr=lr, steps=cfg.coord_steps, seeds=seeds,
+                         **zero_init(cfg, par, transformer=family == "transformer"))
+        coord[(family, par)] = df
+        _log_coord(run, df, f"coord/{family}/{par}")
+        s = slopes(df, cfg.coord_steps)
+        result[f"coord.{family}.{par}.slopes"] = s
+        result[f"coord.{family}.{par}.max_slope"] = max(s.values())
+        result[f"coord.{family}.{par}.max_abs_slope"] = max(abs(v) for v in s.values())
+
+
 def run(cfg: MupConfig, run, seed: int) -> dict:
     data = mnist1d(n_train=cfg.n_train, n_test=10)
     result: dict = {"base_width": BASE_WIDTH, "optimizer": cfg.optimizer}
@@ -188,31 +204,13 @@ def run(cfg: MupConfig, run, seed: int) -> dict:
     xb, yb = data.x_train[: cfg.coord_batch], data.y_train[: cfg.coord_batch]
     widths = parse_widths(cfg.coord_widths)
     seeds = [seed + i for i in range(cfg.coord_seeds)]
-    for par in ("sp", "mup"):
-        df = coord_check(mlp_factory, widths, (xb, yb), F.cross_entropy, base_width=BASE_WIDTH,
-                         parameterization=par, optimizer=cfg.optimizer, lr=cfg.coord_lr,
-                         steps=cfg.coord_steps, seeds=seeds, **zero_init(cfg, par, transformer=False))
-        coord[("mlp", par)] = df
-        _log_coord(run, df, f"coord/mlp/{par}")
-        s = slopes(df, cfg.coord_steps)
-        result[f"coord.mlp.{par}.slopes"] = s
-        result[f"coord.mlp.{par}.max_slope"] = max(s.values())
-        result[f"coord.mlp.{par}.max_abs_slope"] = max(abs(v) for v in s.values())
+    _coordinate_checks(run, cfg, "mlp", mlp_factory, widths, (xb, yb), cfg.coord_lr, seeds, coord, result)
     if cfg.coord_transformer:
         tok = modular_arithmetic(p=23, op="+", train_fraction=0.5, encoding="tokens", seed=seed)
         factory = transformer_factory(tok.info["vocab_size"], tok.info["seq_len"], 23)
         xt, yt = tok.x_train[: cfg.coord_batch], tok.y_train[: cfg.coord_batch]
-        t_widths = [w for w in widths if w <= 512]
-        for par in ("sp", "mup"):
-            df = coord_check(factory, t_widths, (xt, yt), F.cross_entropy, base_width=BASE_WIDTH,
-                             parameterization=par, optimizer=cfg.optimizer, lr=cfg.coord_transformer_lr,
-                             steps=cfg.coord_steps, seeds=seeds, **zero_init(cfg, par, transformer=True))
-            coord[("transformer", par)] = df
-            _log_coord(run, df, f"coord/transformer/{par}")
-            s = slopes(df, cfg.coord_steps)
-            result[f"coord.transformer.{par}.slopes"] = s
-            result[f"coord.transformer.{par}.max_slope"] = max(s.values())
-            result[f"coord.transformer.{par}.max_abs_slope"] = max(abs(v) for v in s.values())
+        _coordinate_checks(run, cfg, "transformer", factory, [w for w in widths if w <= 512], (xt, yt),
+                           cfg.coord_transformer_lr, seeds, coord, result)
     # 2. learning-rate transfer
     log2_lrs = list(range(cfg.lr_min_log2, cfg.lr_max_log2 + 1))
     t_widths = parse_widths(cfg.transfer_widths)

@@ -21,16 +21,16 @@ DIAGNOSTIC_KEYS = ("gate_mean", "gate_closed_fraction", "pop_descent")
 class OptimizerKeys:
     """``optimizer`` and the PopRiskAdamW / Grokfast hyperparameters (see :mod:`lmech.optim`)."""
 
-    optimizer: Literal["adamw", "adam", "sgd", "poprisk", "grokfast"] = "adamw"
-    gate: Literal["soft", "hard", "snr", "none"] = "soft"
-    alpha: Union[float, Literal["fresh", "finite"]] = "fresh"
-    softness: float = 1.0
-    rho: float = 0.99
-    gate_warmup: int = 0
-    gate_weight_decay: bool = False
-    reduction: Literal["element", "tensor"] = "element"
-    grokfast_alpha: float = 0.98
-    grokfast_lamb: float = 2.0
+    optimizer: Literal["adamw", "adam", "sgd", "poprisk", "grokfast"] = "adamw"  # which optimizer (lmech.optim)
+    gate: Literal["soft", "hard", "snr", "none"] = "soft"  # PopRiskAdamW's gate
+    alpha: Union[float, Literal["fresh", "finite"]] = "fresh"  # leave-one-out weight: a number, 1, or b/(n-b)
+    softness: float = 1.0                                  # the gate's lambda
+    rho: float = 0.99                                      # EMA rate of the gradient-variance estimate
+    gate_warmup: int = 0                                   # steps with the gate held open
+    gate_weight_decay: bool = False                        # multiply the weight decay by the gate
+    reduction: Literal["element", "tensor"] = "element"   # one gate per element or per tensor
+    grokfast_alpha: float = 0.98                           # Grokfast's gradient EMA rate
+    grokfast_lamb: float = 2.0                             # Grokfast's amplification
 
 
 def validate_optimizer_keys(cfg, batch_size: int, dataset_size: int | None) -> None:

@@ -39,11 +39,12 @@ import torch
 from torch import Tensor, nn
 
 from lmech.experiments.base import CheckRow, Experiment, require
+from lmech.experiments.loop import ProbeLevel, TrainingLoop, train
 from lmech.experiments.optimizer_keys import (OptimizerKeys, optimizer_diagnostics, optimizer_options,
                                               validate_optimizer_keys)
 from lmech.models import MLP
 from lmech.optim import build_optimizer
-from lmech.train import check_finite, minibatches, weight_norm
+from lmech.train import minibatches, weight_norm
 
 TWO_PI = 2 * math.pi
 
@@ -65,6 +66,8 @@ class PINNAdvectionConfig(OptimizerKeys):
     beta1: float = 0.9
     beta2: float = 0.999
     eval_every: int = 50
+    # instruments: none, or a lmech.Monitor preset (economy, full) measured every eval_every steps
+    probes: ProbeLevel = "none"
     target_rel_l2: float = 0.40
     stop_at_target: bool = False
 
@@ -123,33 +126,38 @@ def run(cfg: PINNAdvectionConfig, run, seed: int) -> dict:
     batches = minibatches(cfg.n_collocation, cfg.batch_size, gen)
     zeros_ic = torch.zeros(cfg.n_ic)
 
-    step_to_target, best, last_good, rel, terms = None, math.inf, 0, math.inf, {}
-    for step in range(cfg.steps + 1):
-        if step % cfg.eval_every == 0 or step == cfg.steps:
-            with torch.no_grad():
-                rel = float((model(gx, gt) - u_star).norm() / u_star.norm())
-            check_finite(rel, step, last_good)
-            run.log(step, rel_l2=rel, **terms, weight_norm=weight_norm(model), **optimizer_diagnostics(optimizer))
-            best = min(best, rel)
-            if step_to_target is None and rel <= cfg.target_rel_l2:
-                step_to_target = step
-                if cfg.stop_at_target:
-                    break
-        if step == cfg.steps:
-            break
+    state = {"step_to_target": None, "best": math.inf}
+    terms: dict = {}  # the loss terms of the last step, logged with the next evaluation
+
+    def evaluate(step: int) -> dict:
+        with torch.no_grad():
+            return dict(rel_l2=float((model(gx, gt) - u_star).norm() / u_star.norm()), **terms)
+
+    def on_eval(step: int, evals: dict) -> bool:
+        state["best"] = min(state["best"], evals["rel_l2"])
+        if state["step_to_target"] is None and evals["rel_l2"] <= cfg.target_rel_l2:
+            state["step_to_target"] = step
+            return cfg.stop_at_target
+        return False
+
+    def loss(step: int) -> torch.Tensor:
         idx = next(batches)
         t_bc = torch.rand(cfg.n_bc, generator=gen)
         loss_res = residual(model, pool_x[idx], pool_t[idx], cfg.beta).square().mean()
         loss_ic = (model(x_ic, zeros_ic) - u0).square().mean()
         loss_bc = (model(torch.zeros(cfg.n_bc), t_bc) - model(torch.full((cfg.n_bc,), TWO_PI), t_bc)).square().mean()
-        loss = loss_res + loss_ic + loss_bc
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        terms = dict(loss=float(loss.detach()), loss_residual=float(loss_res.detach()),
+        total = loss_res + loss_ic + loss_bc
+        terms.update(loss=float(total.detach()), loss_residual=float(loss_res.detach()),
                      loss_ic=float(loss_ic.detach()), loss_bc=float(loss_bc.detach()))
-        check_finite(terms["loss"], step + 1, last_good)
-        last_good = step + 1
+        return total
+
+    loop = TrainingLoop(model, optimizer, cfg.steps, cfg.eval_every, loss, evaluate, watch="rel_l2",
+                        extras=lambda: dict(weight_norm=weight_norm(model), **optimizer_diagnostics(optimizer)),
+                        on_eval=on_eval, probes=cfg.probes,
+                        probe_batch=((x_ic, zeros_ic), u0),  # the initial condition: a supervised fit
+                        probe_loss=torch.nn.functional.mse_loss)
+    rel = train(run, loop)["rel_l2"]
+    step, step_to_target, best = loop.stopped_at, state["step_to_target"], state["best"]
 
     with torch.no_grad():
         u = model(gx, gt)

@@ -64,8 +64,9 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from lmech.experiments._laws import first_crossing, loglog_slope
+from lmech.experiments.laws import first_crossing, loglog_slope
 from lmech.experiments.base import CheckRow, Experiment, require
+from lmech.experiments.loop import ProbeLevel, TrainingLoop, train
 from lmech.models import MLP
 from lmech.tasks import sparse_parity
 
@@ -89,6 +90,8 @@ class QuantaConfig:
     steps: int = 30000
     n_eval: int = 60
     test_per_task: int = 100
+    # instruments: none, or a lmech.Monitor preset (economy, full) measured at about n_eval even steps
+    probes: ProbeLevel = "none"
 
     def validate(self) -> None:
         require(self.n_tasks >= 8, f"n_tasks must be >= 8 (power-law fits need several quanta), got {self.n_tasks}")
@@ -135,18 +138,22 @@ def run(cfg: QuantaConfig, run, seed: int) -> dict:
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     evals = set(np.unique(np.geomspace(10, cfg.steps, cfg.n_eval).astype(int)).tolist())
     steps, losses = [], []
-    for step in range(1, cfg.steps + 1):
+
+    def loss(step: int) -> torch.Tensor:
         x, y = sampler(cfg.batch_size)
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step in evals:
-            per = per_task_loss(model, data.x_test, data.y_test, data.groups_test, cfg.n_tasks)
-            steps.append(step)
-            losses.append(per)
-            run.log(step, mean_loss=float(probs @ per), tasks_learned=int(np.sum(per < LN2 / 2)),
+        return F.cross_entropy(model(x), y)
+
+    def evaluate(step: int) -> dict:
+        per = per_task_loss(model, data.x_test, data.y_test, data.groups_test, cfg.n_tasks)
+        steps.append(step)
+        losses.append(per)
+        return dict(mean_loss=float(probs @ per), tasks_learned=int(np.sum(per < LN2 / 2)),
                     **{f"task{i:02d}": float(v) for i, v in enumerate(per)})
+
+    probe_every = max(1, cfg.steps // cfg.n_eval)
+    train(run, TrainingLoop(model, opt, cfg.steps, probe_every, loss, evaluate, watch="mean_loss",
+                            eval_at=lambda step: step in evals, probes=cfg.probes,
+                            probe_batch=(data.x_test[:256], data.y_test[:256]), probe_loss=F.cross_entropy))
     steps, losses = np.array(steps, dtype=float), np.array(losses)
     result = analyze(steps, losses, probs, cfg.zipf_exponent - 1.0)
     result.update(n_tasks=cfg.n_tasks, steps=cfg.steps)

@@ -57,7 +57,7 @@ import numpy as np
 import torch
 
 from lmech.core.threads import blas_threads
-from lmech.experiments._laws import first_crossing, log_series, order_row, parse_list
+from lmech.experiments.laws import first_crossing, log_series, order_row, parse_list
 from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.models import MLP
 from lmech.theory import deep_linear as dl

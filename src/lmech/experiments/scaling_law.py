@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from lmech.core.threads import blas_threads
-from lmech.experiments._laws import parse_list
+from lmech.experiments.laws import parse_list
 from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.models import MLP
 from lmech.tasks import mnist1d

@@ -172,7 +172,7 @@ class Lab:
         return figures[name]
 
     def sweeps(self) -> list[dict]:
-        from lmech.sweeps import read_manifest
+        from lmech.runs.manifests import read_manifest
 
         out = []
         for name in self.sweep_names():
@@ -187,7 +187,7 @@ class Lab:
         return out
 
     def sweep(self, name: str) -> dict:
-        from lmech.sweeps import read_manifest, summary
+        from lmech.runs.manifests import read_manifest, summary
 
         self.require_sweep(name)
         df = summary(name, out=self.root)

@@ -4,8 +4,8 @@ A playground entry is an experiment name from the catalog; its form shows the ke
 ``FORM_KEYS`` that the experiment's config dataclass has (so ``label-noise`` gets task, noise,
 optimizer, ...; ``grokking`` gets op, train_fraction, optimizer, ...), starting from the
 experiment's *quick* configuration (its small, real setting). Form values are validated exactly as
-``lmech run --quick --set key=value`` validates them (:meth:`lmech.experiments.base.Experiment.make_config`,
-raising :class:`~lmech.experiments.base.ConfigError` with one line), before anything is started.
+``lmech run --quick --set key=value`` validates them (:meth:`lmech.contract.spec.Experiment.make_config`,
+raising :class:`~lmech.errors.ConfigError` with one line), before anything is started.
 
 A valid form starts ``python -m lmech.lab.worker`` in a child process (one torch thread,
 ``OMP_NUM_THREADS=1``) that runs the experiment into the lab's run store under a run id chosen
@@ -33,7 +33,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Literal, Union, get_args, get_origin
 
-from lmech.experiments.base import config_fields
+from lmech.contract.spec import config_fields
 from lmech.errors import ConfigError
 
 # catalog entries offered by the playground, in menu order (those present in the catalog)

@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from lmech.experiments import run_experiment
+    from lmech.experiments.runner import run_experiment
 
     summary = run_experiment(spec["experiment"], spec["overrides"], seed=int(spec["seed"]), out=spec["root"],
                              quick=True, run_id=spec["run_id"])

@@ -58,7 +58,7 @@ from torch.func import jacrev, vmap
 from torch.func import jvp as _func_jvp
 from torch.func import vjp as _func_vjp
 
-from lmech.core.functional import DEFAULT_MAX_BYTES, FunctionalModel, ParamSelector, per_example_map, unflatten
+from lmech.core.functional import DEFAULT_MAX_BYTES, FunctionalModel, ParamSelector, as_functional, per_example_map, unflatten
 from lmech.core.linalg import check_memory
 from lmech.core.batch import Output, adapt_input_pair, tensor_output
 from lmech.probes.base import Cost, TrainState, differentiable_kernels, layer_groups, split_batch
@@ -79,14 +79,6 @@ __all__ = [
 
 Implementation = Literal["jacobian", "products", "auto"]
 Inputs = Union[Tensor, tuple]
-
-
-def _fmodel(model, params) -> FunctionalModel:
-    if isinstance(model, FunctionalModel):
-        if params is not None:
-            raise ValueError("pass `params` only with an nn.Module; a FunctionalModel has its own")
-        return model
-    return FunctionalModel(model, params)
 
 
 def _as_tuple(x: Inputs) -> tuple:

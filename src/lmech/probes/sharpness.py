@@ -52,6 +52,7 @@ from torch.func import jvp as _func_jvp
 from lmech.core.functional import (
     DEFAULT_MAX_BYTES,
     FunctionalModel,
+    as_functional,
     ParamSelector,
     flatten,
     loss_and_grad,

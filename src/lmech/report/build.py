@@ -23,7 +23,7 @@ and :func:`render_sweep` make the same page in memory (the lab serves them witho
 Target resolution (``lmech report TARGET``), first match wins: an existing folder with
 ``config.json`` is a run folder; an existing folder with a verify summary is a verify output; a
 name with a manifest ``STORE/sweeps/NAME.json`` is a sweep; a run id (or unique id prefix) in
-``STORE`` is a run. Anything else raises :class:`~lmech.experiments.base.ConfigError` with one line.
+``STORE`` is a run. Anything else raises :class:`~lmech.errors.ConfigError` with one line.
 """
 
 from __future__ import annotations
@@ -159,7 +159,7 @@ def _varying_results(summary: pd.DataFrame, exclude: set[str]) -> list[str]:
 def render_sweep(store: RunStore, name: str) -> Rendered:
     """A sweep's report, in memory: its runs' table and the comparison plots over its grid keys."""
     from lmech.runs import load
-    from lmech.sweeps import read_manifest, summary
+    from lmech.runs.manifests import read_manifest, summary
 
     table = summary(name, out=store.root)
     manifest = read_manifest(store, name) or {}

@@ -8,13 +8,29 @@ import json
 import platform
 import subprocess
 from pathlib import Path
+from typing import Any
+
+HASH_NEUTRAL: dict[str, Any] = {"probes": "none"}
+"""Config keys added after runs were stored, each with the value that means "as before" (e.g. the
+catalog's ``probes`` key: ``"none"`` attaches no Monitor, so the run computes what it computed
+before the key existed). A config whose key holds that value hashes as if the key were absent, so
+adding such a key at its default changes no run id (a long sweep resumes by run id); any other value
+is hashed as usual. Add a key here only together with such a default."""
 
 
 def config_hash(experiment: str, config: dict, seed: int) -> str:
     """SHA-256 of the experiment name, the full config (keys sorted) and the seed.
 
-    Two runs with the same hash are the same computation; sweeps use it to skip finished runs.
+    Two runs with the same hash are the same computation; sweeps use it to skip finished runs. Keys of
+    :data:`HASH_NEUTRAL` at their neutral value are left out (the config itself keeps them).
+
+    Example:
+        >>> config_hash("x", {"lr": 0.1, "probes": "none"}, 0) == config_hash("x", {"lr": 0.1}, 0)
+        True
+        >>> config_hash("x", {"lr": 0.1, "probes": "economy"}, 0) == config_hash("x", {"lr": 0.1}, 0)
+        False
     """
+    config = {k: v for k, v in config.items() if not (k in HASH_NEUTRAL and v == HASH_NEUTRAL[k])}
     payload = json.dumps({"experiment": experiment, "config": config, "seed": int(seed)},
                          sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()

@@ -36,13 +36,13 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import json
 import os
 from numbers import Integral
 from pathlib import Path
 from typing import Any
 
 from lmech.errors import ConfigError
+from lmech.runs.manifests import manifest_path, read_manifest, summary, sweep_frame as _frame
 from lmech.runs.store import RunStore, atomic_write_json
 from lmech.sweeps.plan import RunSpec, SweepPlan, plan_sweep
 from lmech.sweeps.progress import SweepProgress, key_numbers
@@ -115,19 +115,6 @@ def run_sweep(experiment: str, sets: dict | list[str] | None = None, grid: dict[
     return df
 
 
-def summary(sweep: str, out: str | Path = "runs"):
-    """Every run of a sweep so far (all invocations under its name), like :func:`run_sweep`'s frame."""
-    store = RunStore(Path(out))
-    manifest = read_manifest(store, sweep)
-    if manifest is None:
-        known = sorted(p.stem for p in (store.root / "sweeps").glob("*.json"))
-        hint = f"; sweeps in {store.root}: {', '.join(known)}" if known else ""
-        raise ConfigError(f"no sweep {sweep!r} in {store.root}{hint}")
-    df = _frame(store, manifest["runs"], {})
-    df.attrs["sweep"] = sweep
-    return df
-
-
 def _triage(store: RunStore, plan: SweepPlan, retry_failed: bool) -> tuple[list[RunSpec], list[RunSpec]]:
     """Split the plan into runs to execute now and runs to leave alone (see the module's table)."""
     todo, skipped = [], []
@@ -145,38 +132,7 @@ def _triage(store: RunStore, plan: SweepPlan, retry_failed: bool) -> tuple[list[
     return todo, skipped
 
 
-def _frame(store: RunStore, entries: list[dict], outcomes: dict[str, dict]):
-    import pandas as pd
-
-    rows = []
-    for entry in entries:
-        run_id = entry["run_id"]
-        row: dict[str, Any] = {"run_id": run_id, "seed": entry["seed"], **entry.get("params", {})}
-        if (store.root / run_id / "config.json").exists():
-            status, result = store.status(run_id), store.result(run_id)
-        elif run_id in outcomes:  # failed before its folder was made
-            status, result = outcomes[run_id], outcomes[run_id].get("result", {})
-        else:
-            status, result = {"state": "missing", "message": "no run folder (not run yet)"}, {}
-        row["state"], row["message"] = status["state"], status.get("message", "")
-        for key, value in result.items():
-            if key == "checks":
-                key, value = "checks_passed", all(c.get("passed") for c in value)
-            row[key if key not in row else f"result_{key}"] = value
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
 # -- manifest -----------------------------------------------------------------------------------
-def manifest_path(store: RunStore, sweep: str) -> Path:
-    return store.root / "sweeps" / f"{sweep}.json"
-
-
-def read_manifest(store: RunStore, sweep: str) -> dict | None:
-    path = manifest_path(store, sweep)
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def write_manifest(store: RunStore, plan: SweepPlan, executor: str) -> Path:
     """Add this invocation's runs to ``ROOT/sweeps/<name>.json`` (union over invocations).
 

@@ -2,9 +2,9 @@
 
 A sweep is the product ``grid points x seeds`` of one experiment, on top of fixed ``sets`` (and the
 experiment's ``quick`` configuration if asked). Planning touches nothing on disk: every grid point
-is turned into a full config by :meth:`lmech.experiments.base.Experiment.make_config` (the same
+is turned into a full config by :meth:`lmech.contract.spec.Experiment.make_config` (the same
 parsing, coercion and ``validate()`` as ``lmech run``), so a bad key, value or combination is a
-:class:`~lmech.experiments.base.ConfigError` before any run starts.
+:class:`~lmech.errors.ConfigError` before any run starts.
 
 Identity. A run is the computation ``(experiment, full config, seed)``; its id is
 ``f"{experiment}-{config_hash[:12]}"`` with :func:`lmech.runs.config_hash` (SHA-256 of the
@@ -46,7 +46,8 @@ from numbers import Integral
 from pathlib import Path
 from typing import Any
 
-from lmech.experiments.base import _coerce_known, parse_sets, validate_seed
+from lmech.contract import registry
+from lmech.contract.spec import coerce_key, coerce_values, parse_sets, validate_seed
 from lmech.errors import ConfigError
 from lmech.runs.provenance import config_hash
 
@@ -107,10 +108,10 @@ def plan_sweep(experiment: str, sets: dict | list[str] | None = None, grid: dict
                out: str | Path = "runs", name: str | None = None, points: list[dict] | None = None,
                order: str = "points") -> SweepPlan:
     """Validate everything and list the runs; raises :class:`ConfigError` with one line if bad."""
-    from lmech import experiments
+    import lmech.experiments  # noqa: F401  (registers the built-in entries)
 
-    exp = experiments.get(experiment)
-    module = experiments._CATALOG[experiment]
+    exp = registry.get(experiment)
+    module = registry.module_of(experiment)
     fixed = _typed_sets(exp, sets)
     typed_grid = _typed_grid(exp, grid, fixed)
     typed_points = _typed_points(exp, points, fixed, typed_grid)
@@ -164,7 +165,7 @@ def _typed_sets(exp, sets: dict | list[str] | None) -> dict:
     if sets is None:
         return {}
     if isinstance(sets, dict):
-        return {key: _coerce_known(exp, key, value) for key, value in sets.items()}
+        return coerce_values(exp, sets)
     if isinstance(sets, str):
         raise ConfigError(f"sets must be a list of 'key=value' strings or a dict, got the string {sets!r}")
     return parse_sets(exp, list(sets))
@@ -176,7 +177,7 @@ def _typed_grid(exp, grid: dict | None, fixed: dict) -> dict:
         if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
             raise ConfigError(f"grid {key} must be a list of values (e.g. grid={{'{key}': [1e-3, 1e-2]}}), "
                               f"got {values!r}")
-        values = [_coerce_known(exp, key, v) for v in values]
+        values = [coerce_key(exp, key, v) for v in values]
         if not values:
             raise ConfigError(f"grid {key} has no values; give at least one (--grid {key}=v1,v2)")
         if key in fixed:
@@ -198,7 +199,7 @@ def _typed_points(exp, points: list[dict] | None, fixed: dict, grid: dict) -> li
                           "{'optimizer': 'poprisk', 'gate': 'soft'}]")
     typed, seen = [], set()
     for point in points:
-        point = {key: _coerce_known(exp, key, value) for key, value in point.items()}
+        point = coerce_values(exp, point)
         both = sorted(set(point) & (set(fixed) | set(grid)))
         if both:
             raise ConfigError(f"{both[0]} is set by a point and also fixed (--set) or swept (--grid); drop one")

@@ -21,6 +21,7 @@ import time
 import torch
 
 from lmech import experiments
+from lmech.contract import registry
 from lmech.runs import RunStore, config_hash
 from lmech.sweeps.plan import RunSpec
 
@@ -58,15 +59,16 @@ def execute(spec: RunSpec) -> dict:
     ``diverged``; the outcome repeats what the store recorded.
     """
     torch.set_num_threads(1)
-    experiments._CATALOG.setdefault(spec.experiment, spec.module)
+    if spec.experiment not in registry.names():  # registered at run time in the driver, not here
+        registry.register(spec.experiment, spec.module)
     start = time.perf_counter()
-    mismatch = _config_mismatch(spec)
+    cfg, mismatch = _build_config(spec)
     if mismatch:
         return {"run_id": spec.run_id, "state": "failed", "message": mismatch, "result": {}, "wall_s": 0.0,
                 "pid": os.getpid(), "host": socket.gethostname()}
     try:
-        summary = experiments.run_experiment(spec.experiment, spec.overrides, seed=spec.seed, out=spec.out,
-                                             quick=spec.quick, sweep=spec.sweep, run_id=spec.run_id)
+        summary = experiments.run_experiment(spec.experiment, config=cfg, seed=spec.seed, out=spec.out,
+                                             sweep=spec.sweep, run_id=spec.run_id)
         state, message, result = summary["state"], summary["message"], summary["result"]
     except FileExistsError:  # another sweep (or invocation) made this run first and is running or ran it
         store = RunStore(spec.out)
@@ -83,16 +85,18 @@ def execute(spec: RunSpec) -> dict:
             "wall_s": time.perf_counter() - start, "pid": os.getpid(), "host": socket.gethostname()}
 
 
-def _config_mismatch(spec: RunSpec) -> str | None:
-    """The worker must build the very config the driver hashed (e.g. a Ray node with another lmech)."""
+def _build_config(spec: RunSpec) -> tuple[object | None, str | None]:
+    """``(config, None)``, or ``(None, why not)``: the worker builds the config once, from the spec, and
+    it must be the very config the driver hashed (e.g. not a Ray node with another lmech); the run
+    then takes it ready (nothing is parsed twice)."""
     try:
-        cfg = experiments.get(spec.experiment).make_config(spec.overrides, quick=spec.quick)
+        cfg = registry.get(spec.experiment).make_config(spec.overrides, quick=spec.quick)
     except Exception as err:  # noqa: BLE001 - reported as the run's failure
-        return f"the worker cannot build this run's config: {type(err).__name__}: {err}"
+        return None, f"the worker cannot build this run's config: {type(err).__name__}: {err}"
     if config_hash(spec.experiment, dataclasses.asdict(cfg), spec.seed) != spec.config_hash:
-        return ("the worker built a different config from the driver's (is the same lmech version installed "
-                "on every node?); run not started")
-    return None
+        return None, ("the worker built a different config from the driver's (is the same lmech version installed "
+                      "on every node?); run not started")
+    return cfg, None
 
 
 def lost(spec: RunSpec, reason: str) -> dict:

@@ -94,7 +94,7 @@ def _as_tuple(x: Inputs) -> tuple:
 def _prepare(model, params, x, x2=None, output: Output = None):
     """``(fm, xs1, xs2)``: dict/nested inputs and ``output=`` through :mod:`lmech.core.batch`."""
     model, xs1, xs2 = adapt_input_pair(model, x, x2, output)
-    return _fmodel(model, params), _as_tuple(xs1), None if xs2 is None else _as_tuple(xs2)
+    return as_functional(model, params), _as_tuple(xs1), None if xs2 is None else _as_tuple(xs2)
 
 
 def _check_eval_mode(fm: FunctionalModel) -> None:

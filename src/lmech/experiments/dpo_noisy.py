@@ -39,7 +39,7 @@ Checks (tolerances fixed before the first full run): the DPO loss at the first s
 >= 0.55: DPO works at this scale); the paper's claims at the largest noise: PopRisk's win rate >= AdamW's
 (one-sided, difference >= 0) and AdamW's drift / PopRisk's >= 1.
 
-The three-seed study is ``scripts/dpo_study.py``; results in docs/results/no-validation-pruning-dpo.md.
+The three-seed study is ``scripts/dpo_study.py``; results in docs/results/no-validation.md.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ Checks (tolerances fixed before the first full run):
 * the floor, per task: reservoir pruning at 80% beats random pruning (``reservoir - random >= 0``).
 
 The three-seed study with tables and a figure is ``scripts/prune_study.py``; results in
-docs/results/no-validation-pruning-dpo.md.
+docs/results/no-validation.md.
 """
 
 from __future__ import annotations

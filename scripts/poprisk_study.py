@@ -112,7 +112,7 @@ def run_proxy(out: Path) -> None:
 
     from lmech.experiments.grokking import GrokkingConfig, build, cross_entropy
     from lmech.optim import PopRiskAdamW
-    from lmech.optim.poprisk import compare_noise_proxy
+    from lmech.optim.poprisk_exact import compare_noise_proxy
     from lmech.train import minibatches
 
     torch.set_num_threads(1)

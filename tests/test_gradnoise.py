@@ -179,7 +179,7 @@ def test_group_gsnr_and_gate_fraction_brute_force(method):
 def test_moments_match_brute_force(dtype):
     """The in-place fast reductions against float64 brute force on an offset matrix (mean far
     from zero: a naive sum-of-squares formula would cancel)."""
-    from lmech.probes.gradnoise import _moments
+    from lmech.probes.gradnoise_vmap import _moments
 
     G = 3.0 + torch.randn(17, 20000, generator=torch.Generator().manual_seed(0))
     G = G.to(dtype)
@@ -333,7 +333,7 @@ def test_known_losses_give_the_per_example_output_gradients_of_a_batch_of_one(lo
     from torch.func import grad as fgrad
     from torch.func import vmap as fvmap
 
-    from lmech.probes.gradnoise import _batch_scale, _output_grads
+    from lmech.probes.gradnoise_linear import _batch_scale, _output_grads
 
     g = torch.Generator().manual_seed(0)
     out = torch.randn(9, 5, generator=g, dtype=DT)
@@ -348,7 +348,7 @@ def test_known_losses_give_the_per_example_output_gradients_of_a_batch_of_one(lo
 
 
 def test_losses_that_are_not_a_plain_mean_of_examples_use_vmap():
-    from lmech.probes.gradnoise import _batch_scale, _output_grads
+    from lmech.probes.gradnoise_linear import _batch_scale, _output_grads
 
     y = torch.tensor([0, 1, -100, 2])
     out = torch.randn(4, 3, dtype=DT)

@@ -600,3 +600,12 @@ def test_build_optimizer_registry():
     assert gf.param_groups[0]["grokfast_lamb"] == 5.0
     with pytest.raises(ValueError, match="unknown option"):
         build_optimizer("poprisk", model.parameters(), lr=1e-3, grokfast_lamb=5.0)
+
+
+@pytest.mark.parametrize("name", ["poprisk", "poprisk_exact"])
+def test_doctests(name):
+    import doctest
+    import importlib
+
+    module = importlib.import_module(f"lmech.optim.{name}")
+    assert doctest.testmod(module, raise_on_error=True).attempted > 0

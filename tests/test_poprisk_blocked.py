@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from lmech.optim import PopRiskAdamW
-from lmech.optim.poprisk import CPU_BLOCK_ELEMENTS, _cache_blocks
+from lmech.optim.poprisk_kernels import CPU_BLOCK_ELEMENTS, _cache_blocks
 
 CASES = [dict(gate=g, reduction=r) for g, r in itertools.product(("soft", "hard", "snr", "none"), ("element", "tensor"))]
 

@@ -54,8 +54,9 @@ def small_mlp(seed=0):
     return model, x, y
 
 
-def test_doctests():
-    module = importlib.import_module("lmech.probes.sharpness")
+@pytest.mark.parametrize("name", ["sharpness", "hessian", "hessian_spectrum"])
+def test_doctests(name):
+    module = importlib.import_module(f"lmech.probes.{name}")
     assert doctest.testmod(module, raise_on_error=True).attempted > 0
 
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from lmech.core.batch import split_batch, subsample
 from lmech.errors import LmechError
 
 __all__ = ["CollectiveError", "Distributed", "resolve", "unwrap", "is_fsdp", "local_count", "DEFAULT_TIMEOUT_S"]
@@ -142,8 +143,6 @@ class Distributed:
         """``(this rank's part of the first n examples of the global batch, its bound
         context)``; the batch as is when ``n`` is ``None``. Communicates only when the counts
         of ``batch`` are not bound."""
-        from lmech.probes.base import split_batch, subsample
-
         inputs, _ = split_batch(batch)
         counts = self.counts(inputs[0].shape[0])
         if n is None:
@@ -186,8 +185,6 @@ class Distributed:
 
     def gather_batch(self, batch):
         """The global batch ``(inputs, targets)`` from each rank's shard (tensors along dim 0)."""
-        from lmech.probes.base import split_batch
-
         inputs, targets = split_batch(batch)
         counts = self.counts(inputs[0].shape[0])
         xs = tuple(self.gather_rows(x, counts) for x in inputs)

@@ -151,43 +151,32 @@ Example:
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
 
+from lmech.optim.poprisk_exact import batch_noise, compare_noise_proxy, leave_one_out_term
+from lmech.optim.poprisk_gate import (  # noqa: F401  (HARD_TIE_EPS, _hard_tie_factor: re-exported)
+    GATES,
+    HARD_TIE_EPS,
+    REDUCTIONS,
+    AlphaSpec,
+    _foreach_gate,
+    _hard_tie_factor,
+    _Scalars,
+    _state_gates,
+    resolve_alpha,
+)
+from lmech.optim.poprisk_kernels import (  # noqa: F401  (_fused_update: re-exported)
+    CPU_BLOCK_ELEMENTS,
+    _cache_blocks,
+    _compiled_update,
+    _fused_update,
+)
+
 __all__ = ["PopRiskAdamW", "GATES", "REDUCTIONS", "CPU_BLOCK_ELEMENTS", "resolve_alpha", "leave_one_out_term",
            "batch_noise", "compare_noise_proxy"]
-
-GATES = ("soft", "hard", "snr", "none")
-REDUCTIONS = ("element", "tensor")
-AlphaSpec = Union[float, str]
-
-# Elements per cache block of the CPU foreach path: ~10 float32 streams of 2 MiB (state, gradient,
-# block-sized temporaries) fit a 32 MiB last-level cache; 2^17 lost to per-call overhead and 2^21 to
-# cache misses (``python benchmarks/optimizer_step.py --blocks 17,19,21``).
-CPU_BLOCK_ELEMENTS = 1 << 19
-
-
-def resolve_alpha(alpha: AlphaSpec, batch_size: int | None = None, dataset_size: int | None = None) -> float:
-    """The leave-one-out coefficient: a number, ``"fresh"`` (1) or ``"finite"`` (b / (n - b))."""
-    if isinstance(alpha, str):
-        if alpha == "fresh":
-            return 1.0
-        if alpha == "finite":
-            if batch_size is None or dataset_size is None:
-                raise ValueError('alpha="finite" needs batch_size and dataset_size (alpha = b / (n - b)); '
-                                 "pass both, or give alpha as a number")
-            if not (0 < batch_size < dataset_size):
-                raise ValueError(f'alpha="finite" needs 0 < batch_size < dataset_size, got batch_size={batch_size}, '
-                                 f"dataset_size={dataset_size} (full-batch training has no leave-one-out noise; "
-                                 "use gate='none' or a numeric alpha)")
-            return batch_size / (dataset_size - batch_size)
-        raise ValueError(f'alpha must be a number, "fresh" or "finite", got {alpha!r}')
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha < 0:
-        raise ValueError(f'alpha must be a finite number >= 0, "fresh" or "finite", got {alpha!r}')
-    return float(alpha)
 
 
 def _check_group(group: dict) -> None:
@@ -216,177 +205,6 @@ def _check_group(group: dict) -> None:
     if not (isinstance(group["gate_warmup"], int) and group["gate_warmup"] >= 0):
         raise ValueError(f"gate_warmup must be an integer >= 0, got {group['gate_warmup']!r}")
     resolve_alpha(group["alpha"], group["batch_size"], group["dataset_size"])
-
-
-# Ties of the hard gate. At t = 1, m = a g, s = r g^2 and c = a^2 / r (a = 1 - beta1, r = 1 - rho,
-# alpha = 1), so d = m^2 - c s is 0 in exact arithmetic and its computed sign is rounding noise. The
-# hard gate therefore opens only where d > tau (m^2 + c s), i.e. where m^2 > c_hard s with
-# c_hard = c (1 + tau) / (1 - tau); ties within rounding error count as closed.
-# Bound (u = eps / 2 of the state's dtype, first order; every op rounds once, scalars computed in
-# double and cast once): m = fl(fl(a) g) by lerp, <= 4u (cast u, lerp <= 3u when 1 - beta1 >= 1/2);
-# m^2 <= 2*4u + u = 9u; s = fl(r) g g <= 3u; c <= 3u (double) + u (cast) = 4u; c s <= 3u + 4u + u = 8u.
-# So a tie computes |d| <= 9u m^2 + 8u c s <= 9u (m^2 + c s) = 4.5 eps (m^2 + c s), and the
-# subtraction itself is exact near a tie (Sterbenz). tau = 16 eps leaves a factor 3.5 for the
-# second-order terms, for fl(m^2 + c s), and for the sum of reduction="tensor": there the
-# elementwise m_k^2 - c_hard s_k are summed (not sum m_k^2 - c_hard sum s_k: its two sums round
-# independently, measured 200-600 eps apart at a tie on 1e6 elements), so the summation error is at
-# most gamma_n sum_k |m_k^2 - c_hard s_k|, about 2 tau gamma_n c S at a tie, and cannot flip the
-# sign of the sum, about -2 tau c S, while gamma_n < 1. The bound is relative: it assumes no
-# underflow (float16 squares below 6e-5 are subnormal and can still open a tie).
-HARD_TIE_EPS = 16
-
-
-def _hard_tie_factor(dtype: torch.dtype) -> float:
-    """(1 + tau) / (1 - tau), tau = HARD_TIE_EPS * eps(dtype): the hard gate opens iff m^2 > factor * c s."""
-    tau = HARD_TIE_EPS * torch.finfo(dtype).eps
-    return (1 + tau) / (1 - tau)
-
-
-class _Scalars:
-    """Every per-step scalar of one (group, step count), in the units of the raw state m, v, s.
-
-    The gate is evaluated on raw state: with ``bc1 = 1 - beta1^t`` and ``bcs = 1 - rho^t``,
-    ``m_hat^2 - alpha s_hat = (m^2 - c s) / bc1^2`` with ``c = alpha bc1^2 / bcs``; numerator and
-    denominator of the soft/snr gates are multiplied by ``bc1^2``. The hard gate compares with
-    ``c_hard(dtype) = c (1 + tau) / (1 - tau)`` (ties count as closed; see ``HARD_TIE_EPS``).
-    """
-
-    def __init__(self, group: dict, t: int):
-        b1, b2 = group["betas"]
-        rho, lam = group["rho"], group["softness"]
-        self.alpha = resolve_alpha(group["alpha"], group["batch_size"], group["dataset_size"])
-        self.bc1 = 1 - b1 ** t
-        self.bc2 = 1 - b2 ** t
-        self.bcs = 1 - rho ** t
-        ratio = self.bc1 ** 2 / self.bcs
-        self.c = self.alpha * ratio                          # m^2 - c s  =  bc1^2 (m_hat^2 - alpha s_hat)
-        self.lam_soft = lam * ratio                          # soft: lambda s_hat, in raw units
-        self.lam_snr = lam * self.alpha * ratio              # snr: lambda alpha s_hat, in raw units
-        self.eps_q = group["gate_eps"] * self.bc1 ** 2
-        self.open = t <= group["gate_warmup"] or group["gate"] == "none"
-        self.step_size = group["lr"] / self.bc1
-        self.bc2_sqrt = math.sqrt(self.bc2)
-
-    def c_hard(self, dtype: torch.dtype) -> float:
-        """``m^2 - c_hard s > 0``  <=>  ``d > tau (m^2 + c s)`` for state of this dtype."""
-        return self.c * _hard_tie_factor(dtype)
-
-
-def _foreach_gate(ms: list[Tensor], ss: list[Tensor], gate: str, reduction: str, sc: _Scalars) -> list[Tensor]:
-    """q for every tensor (new tensors; one per element, or a 0-d tensor per tensor)."""
-    if gate == "hard":                                        # q = 1{d > tau (m^2 + c s)}, ties closed
-        d = torch._foreach_mul(ms, ms)
-        torch._foreach_add_(d, ss, alpha=-sc.c_hard(ms[0].dtype))  # m^2 - c_hard s
-        if reduction == "tensor":
-            d = [x.sum() for x in d]                          # sum of the differences (see HARD_TIE_EPS)
-        torch._foreach_sign_(d)
-        torch._foreach_clamp_min_(d, 0.0)
-        return d
-    if reduction == "tensor":
-        norms = torch._foreach_norm(ms, 2)
-        num = torch._foreach_mul(norms, norms)               # sum_k m_k^2 per tensor
-        s_sum = torch._foreach_norm(ss, 1)                    # sum_k s_k (s >= 0)
-    else:
-        num = torch._foreach_mul(ms, ms)
-        s_sum = ss
-    if gate == "snr":
-        den = torch._foreach_add(num, s_sum, alpha=sc.lam_snr)
-        torch._foreach_add_(den, sc.eps_q)
-        torch._foreach_div_(num, den)
-        return num
-    torch._foreach_add_(num, s_sum, alpha=-sc.c)              # d = m^2 - c s
-    torch._foreach_clamp_min_(num, 0.0)                       # soft
-    den = torch._foreach_add(num, s_sum, alpha=sc.lam_soft)
-    torch._foreach_add_(den, sc.eps_q)
-    torch._foreach_div_(num, den)
-    return num
-
-
-def _state_gates(group: dict, sc: _Scalars, ms: list[Tensor], ss: list[Tensor]) -> list[Tensor]:
-    """The gates a step with these scalars applies (ones while the gate is held open)."""
-    if sc.open:
-        if group["reduction"] == "tensor":
-            return [torch.ones((), dtype=m.dtype, device=m.device) for m in ms]
-        return [torch.ones_like(m) for m in ms]
-    return _foreach_gate(ms, ss, group["gate"], group["reduction"], sc)
-
-
-def _cache_blocks(lists: tuple[list[Tensor], ...], block: int) -> list[tuple[list[Tensor], ...]]:
-    """Cut the aligned tensor lists ``(ps, gs, ms, vs, ss)`` into blocks of at most ``block`` elements.
-
-    A tensor whose five members are all contiguous is cut into flat views (``view(-1)[a:b]``: the
-    same memory, so in-place ops on the views update the tensors); any other tensor is one unit,
-    whole. Consecutive units are packed into one block while the block stays within ``block``
-    elements, so small tensors share one foreach call.
-    """
-    blocks: list[tuple[list[Tensor], ...]] = []
-    cur: tuple[list[Tensor], ...] = tuple([] for _ in lists)
-    size = 0
-    for members in zip(*lists):
-        n = members[0].numel()
-        if all(x.is_contiguous() for x in members):
-            flat = [x.view(-1) for x in members]
-            units = [(a, min(block, n - a)) for a in range(0, n, block)] or [(0, 0)]
-            pieces = [[x.narrow(0, a, length) for x in flat] for a, length in units]
-        else:
-            pieces = [list(members)]
-        for piece in pieces:
-            length = piece[0].numel()
-            if size and size + length > block:
-                blocks.append(cur)
-                cur, size = tuple([] for _ in lists), 0
-            for lst, x in zip(cur, piece):
-                lst.append(x)
-            size += length
-    if cur[0]:
-        blocks.append(cur)
-    return blocks
-
-
-def _fused_update(p: Tensor, g: Tensor, m: Tensor, v: Tensor, s: Tensor, sc: Tensor, gate: str, reduction: str,
-                  gate_weight_decay: bool) -> None:
-    """One tensor's whole update, written for torch.compile (every step-dependent scalar is in ``sc``).
-
-    ``sc`` = [rho, 1-rho, 1-beta1, beta2, 1-beta2, lr*wd, step_size, bc2_sqrt, eps, c, c_hard, lam_soft,
-    lam_snr, eps_q, open]. The complements come computed in double (as the foreach path's scalars):
-    ``1 - fl(rho)`` in float32 is off by ``u rho / (1 - rho)`` relative (about 100u for rho = 0.99),
-    which would bias ``s`` against ``c`` and open every tie of the hard gate at step 1.
-    """
-    (rho, one_m_rho, one_m_b1, b2, one_m_b2, lr_wd, step_size, bc2_sqrt, eps, c, c_hard, lam_soft, lam_snr,
-     eps_q, is_open) = sc.unbind(0)
-    diff = g - m
-    s.copy_(s * rho + one_m_rho * diff * diff)
-    m.copy_(m + one_m_b1 * (g - m))
-    v.copy_(v * b2 + one_m_b2 * g * g)
-    if reduction == "tensor":
-        num = (m * m).sum()
-        s_sum = s.sum()
-    else:
-        num = m * m
-        s_sum = s
-    if gate == "snr":
-        q = num / (num + lam_snr * s_sum + eps_q)
-    elif gate == "hard":                                     # d > tau (m^2 + c s): see HARD_TIE_EPS
-        d = m * m - c_hard * s
-        q = ((d.sum() if reduction == "tensor" else d) > 0).to(m.dtype)
-    elif gate == "soft":
-        d = (num - c * s_sum).clamp_min(0)
-        q = d / (d + lam_soft * s_sum + eps_q)
-    else:
-        q = torch.ones_like(num)
-    q = q + is_open * (1 - q)
-    decay = 1 - lr_wd * q if gate_weight_decay else 1 - lr_wd
-    p.copy_(p * decay - step_size * q * m / (v.sqrt() / bc2_sqrt + eps))
-
-
-_COMPILED: Callable | None = None
-
-
-def _compiled_update() -> Callable:
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = torch.compile(_fused_update, dynamic=True, fullgraph=True)
-    return _COMPILED
 
 
 class PopRiskAdamW(torch.optim.Optimizer):
@@ -619,106 +437,3 @@ class PopRiskAdamW(torch.optim.Optimizer):
         g, c, d, sig, noise = torch.stack(totals).sum(0).tolist()
         return dict(gate_mean=g / n_total, gate_closed_fraction=c / n_total, pop_descent=d, signal=sig,
                     noise=noise, step=step)
-
-
-# -------------------------------------------------------------------------------------------
-# Exact mode: the leave-one-out term from per-example gradients
-# -------------------------------------------------------------------------------------------
-
-
-def leave_one_out_term(per_example: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    r"""Batch mean :math:`\bar g` and leave-one-out noise :math:`\Sigma_B/(b-1)`, per coordinate.
-
-    ``per_example[name]`` has shape ``(b, *param.shape)``. With the paper's (biased) normalization
-    :math:`\Sigma_B = \frac1b\sum_i (g_i - \bar g)^2`,
-
-    .. math:: \bar g^2 - \frac{\Sigma_B}{b-1} = \frac{1}{b(b-1)}\sum_{i\ne j} g_i g_j,
-
-    the unbiased U-statistic for :math:`\mu^2` (each example scored against the other
-    :math:`b-1`), and :math:`\mathbb E[\Sigma_B/(b-1)] = \mathrm{Var}(\bar g)` for i.i.d. examples.
-
-    Example:
-        >>> g = {"w": torch.tensor([[1.0], [3.0]])}
-        >>> mean, loo = leave_one_out_term(g)
-        >>> mean["w"].item(), loo["w"].item()          # Sigma_B = 1, b - 1 = 1
-        (2.0, 1.0)
-    """
-    means, loos = {}, {}
-    for name, g in per_example.items():
-        b = g.shape[0]
-        if b < 2:
-            raise ValueError(f"the leave-one-out term needs at least 2 examples per batch, got {b} for {name!r}")
-        mean = g.mean(0)
-        means[name] = mean
-        loos[name] = (g - mean).square().mean(0) / (b - 1)
-    return means, loos
-
-
-def batch_noise(model, loss_fn: Callable, inputs, targets, params=None, chunk_size: int | None = None,
-                **kwargs) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-    r""":func:`leave_one_out_term` of the per-example gradients of ``model`` on one batch.
-
-    Per-example gradients come from :func:`lmech.core.per_example_grads` (``loss_fn`` is the
-    training loss evaluated on a batch of one, so with a ``mean`` loss :math:`\bar g` is the
-    minibatch gradient the optimizer sees). ``kwargs`` go to ``per_example_grads`` (``max_bytes``).
-    Returns ``({name: g_bar}, {name: Sigma_B / (b - 1)})``.
-    """
-    from lmech.core import per_example_grads
-
-    grads = per_example_grads(model, loss_fn, inputs, targets, params=params, chunk_size=chunk_size, **kwargs)
-    return leave_one_out_term(grads)
-
-
-@torch.no_grad()
-def compare_noise_proxy(optimizer: PopRiskAdamW, model: torch.nn.Module, loss_fn: Callable, inputs, targets, params=None,
-                        chunk_size: int | None = None, **kwargs) -> dict[str, float]:
-    r"""How well the EMA proxy :math:`\hat s` tracks the exact :math:`\Sigma_B/(b-1)` on a batch.
-
-    Computes the exact term at the current weights on ``(inputs, targets)`` (a fresh batch of the
-    training size) and compares, over every coordinate of the selected parameters that the
-    optimizer holds state for:
-
-    * ``noise_ratio`` :math:`= \sum_k \hat s_k / \sum_k \Sigma_{B,k}/(b-1)` (1 = unbiased;
-      about :math:`2/(1+\beta_1)` expected for stationary gradients, more when the mean drifts);
-    * ``median_ratio``: median over coordinates of :math:`\hat s_k / (\Sigma_{B,k}/(b-1))`;
-    * ``log_corr``: Pearson correlation of :math:`\log \hat s_k` and :math:`\log \Sigma_{B,k}/(b-1)`;
-    * ``gate_agreement``: fraction of coordinates where :math:`\mathbf 1\{\hat m^2 > \alpha\hat s\}`
-      equals :math:`\mathbf 1\{\bar g^2 > \alpha\Sigma_B/(b-1)\}`;
-    * ``pop_descent_proxy`` :math:`= \sum_k(\hat m_k^2-\alpha\hat s_k)_+` and
-      ``pop_descent_exact`` :math:`= \sum_k(\bar g_k^2-\alpha\Sigma_{B,k}/(b-1))_+`;
-    * ``n_coords``: coordinates compared.
-    """
-    with torch.enable_grad():
-        means, loos = batch_noise(model, loss_fn, inputs, targets, params=params, chunk_size=chunk_size, **kwargs)
-    named = dict(model.named_parameters())
-    group_of = {id(p): g for g in optimizer.param_groups for p in g["params"]}
-    s_hat, exact, m_hat, g_bar, alphas = [], [], [], [], []
-    for name in means:
-        p = named[name]
-        state = optimizer.state.get(p)
-        if not state or id(p) not in group_of:
-            continue
-        group = group_of[id(p)]
-        t = int(state["step"].item())
-        sc = _Scalars(group, t)
-        s_hat.append((state["exp_var"] / sc.bcs).flatten().double())
-        m_hat.append((state["exp_avg"] / sc.bc1).flatten().double())
-        exact.append(loos[name].flatten().double())
-        g_bar.append(means[name].flatten().double())
-        alphas.append(torch.full_like(s_hat[-1], sc.alpha))
-    if not s_hat:
-        raise ValueError("no selected parameter has optimizer state: take at least one optimizer step first, "
-                         "and pass the model whose parameters the optimizer holds")
-    s_hat, exact, m_hat, g_bar, alpha = (torch.cat(x) for x in (s_hat, exact, m_hat, g_bar, alphas))
-    both = (s_hat > 0) & (exact > 0)
-    log_s, log_e = s_hat[both].log(), exact[both].log()
-    corr = torch.corrcoef(torch.stack([log_s, log_e]))[0, 1] if both.sum() > 1 else torch.tensor(float("nan"))
-    return dict(
-        noise_ratio=float(s_hat.sum() / exact.sum()),
-        median_ratio=float((s_hat[both] / exact[both]).median()) if both.any() else float("nan"),
-        log_corr=float(corr),
-        gate_agreement=float(((m_hat.square() > alpha * s_hat) == (g_bar.square() > alpha * exact)).double().mean()),
-        pop_descent_proxy=float((m_hat.square() - alpha * s_hat).clamp_min(0).sum()),
-        pop_descent_exact=float((g_bar.square() - alpha * exact).clamp_min(0).sum()),
-        n_coords=int(s_hat.numel()),
-    )

@@ -3,11 +3,14 @@
 One concept per module, each with plain functions and a probe class for :class:`lmech.Monitor`
 (the protocol is in :mod:`~lmech.probes.base`):
 
-* :mod:`~lmech.probes.sharpness` — top Hessian eigenvalues (plain and Adam-preconditioned),
-  Hessian trace, spectral density;
+* :mod:`~lmech.probes.sharpness` — top Hessian eigenvalues (plain and Adam-preconditioned), on
+  the operator of :mod:`~lmech.probes.hessian` (with Adam's preconditioner); Hessian trace and
+  spectral density in :mod:`~lmech.probes.hessian_spectrum`;
 * :mod:`~lmech.probes.ntk` — empirical NTK (two algorithms and a cost model), spectrum, drift,
   kernel-target alignment;
-* :mod:`~lmech.probes.gradnoise` — gradient SNR, leave-one-out noise, gradient noise scale;
+* :mod:`~lmech.probes.gradnoise` — gradient SNR, leave-one-out noise, gradient noise scale (its
+  summaries in :mod:`~lmech.probes.gradnoise_stats`, its two per-example passes in
+  :mod:`~lmech.probes.gradnoise_linear` and :mod:`~lmech.probes.gradnoise_vmap`);
 * :mod:`~lmech.probes.weights` — singular values, stable rank, power-law exponent, change from
   initialization;
 * :mod:`~lmech.probes.representations` — CKA, SVCCA, mutual k-NN with permutation nulls;
@@ -25,7 +28,8 @@ The functions ``sharpness`` and ``ntk`` are re-exported here under their modules
 
 from lmech.probes.batch_sharpness import BatchSharpnessProbe, BatchSharpnessResult, batch_sharpness
 from lmech.probes.base import Probe, TrainState, differentiable_kernels, layer_groups
-from lmech.probes.gradnoise import GradNoise, GradNoiseProbe, GroupNoise, grad_noise
+from lmech.probes.gradnoise import GradNoiseProbe, grad_noise
+from lmech.probes.gradnoise_stats import GradNoise, GroupNoise
 from lmech.probes.gramian import GramianProbe, GramianReadout, PathRecorder
 from lmech.probes.ntk import (
     KernelDrift,
@@ -48,18 +52,9 @@ from lmech.probes.representations import (
     similarity,
     svcca,
 )
-from lmech.probes.sharpness import (
-    HessianOperator,
-    HessianTraceProbe,
-    SharpnessProbe,
-    SharpnessResult,
-    SpectralDensityProbe,
-    adam_preconditioner,
-    hessian_spectral_density,
-    hessian_trace,
-    sharpness,
-    sharpness_per_layer,
-)
+from lmech.probes.hessian import HessianOperator, adam_preconditioner
+from lmech.probes.hessian_spectrum import HessianTraceProbe, SpectralDensityProbe, hessian_spectral_density, hessian_trace
+from lmech.probes.sharpness import SharpnessProbe, SharpnessResult, sharpness, sharpness_per_layer
 from lmech.probes.weights import (
     LayerSpectrum,
     PowerLawFit,

@@ -17,7 +17,7 @@ from typing import Any, Callable, Literal, Protocol, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from lmech.core.batch import _Examples
+from lmech.core.batch import split_batch, subsample  # re-exported: they live in lmech.core.batch
 from lmech.core.functional import (
     DEFAULT_MAX_BYTES,
     FunctionalModel,
@@ -99,29 +99,3 @@ def layer_groups(model: nn.Module, params: ParamSelector = None) -> dict[str, li
         owner = n.rpartition(".")[0] or n
         groups.setdefault(owner, []).append(n)
     return groups
-
-
-def split_batch(batch) -> tuple[tuple, Any]:
-    """``(inputs, targets)`` -> ``(inputs as a tuple, targets)``, with a clear error otherwise."""
-    if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-        raise ValueError(
-            "batch must be a pair (inputs, targets); inputs a tensor or a tuple of tensors, "
-            f"got {type(batch).__name__}" + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
-        )
-    inputs, targets = batch
-    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-    if not inputs or not all(isinstance(x, Tensor) for x in inputs):
-        raise ValueError("batch inputs must be a tensor or a non-empty tuple of tensors here; dict and "
-                         "nested batches go through lmech.core.batch.adapt first (as every lmech probe does)")
-    return inputs, targets
-
-
-def subsample(batch, n: int | None) -> tuple:
-    """The first ``n`` examples of ``(inputs, targets)`` (all of them when ``n`` is ``None``).
-    Several processes: :meth:`lmech.core.distributed.Distributed.first_examples`."""
-    inputs, targets = split_batch(batch)
-    if n is None or n >= inputs[0].shape[0]:
-        return batch
-    xs = tuple(x[:n] for x in inputs)
-    ys = targets[:n] if isinstance(targets, (Tensor, _Examples)) else targets
-    return (xs if len(xs) > 1 else xs[0], ys)

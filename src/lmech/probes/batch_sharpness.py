@@ -49,8 +49,9 @@ import math
 import torch
 from torch import Tensor, nn
 
+from lmech.core.batch import split_batch
 from lmech.core.functional import ParamSelector, hvp, loss_and_grad, tree_dot
-from lmech.probes.base import Cost, TrainState, split_batch
+from lmech.probes.base import Cost, TrainState
 
 __all__ = ["BatchSharpnessResult", "batch_sharpness", "BatchSharpnessProbe"]
 

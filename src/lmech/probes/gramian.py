@@ -471,7 +471,7 @@ class PathRecorder:
         and :math:`\sum_k\pi_k\Sigma_{S,k} = \frac1n\sum_i d_i^\top K_{ii} d_i - \text{train}`, so the
         population rate :math:`\sum_k\pi_k(\bar g_k^2 - \alpha\Sigma_{S,k}/(n-1))` needs only :math:`K`
         (:math:`O(N^2)`, no per-example gradients). Equal to
-        :func:`lmech.optim.poprisk.leave_one_out_term` on the per-example gradients (tested).
+        :func:`lmech.optim.poprisk_exact.leave_one_out_term` on the per-example gradients (tested).
         """
         n, o = self.n, self.o
         d = dl.reshape(-1)

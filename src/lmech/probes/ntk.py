@@ -60,8 +60,8 @@ from torch.func import vjp as _func_vjp
 
 from lmech.core.functional import DEFAULT_MAX_BYTES, FunctionalModel, ParamSelector, as_functional, per_example_map, unflatten
 from lmech.core.linalg import check_memory
-from lmech.core.batch import Output, adapt_input_pair, tensor_output
-from lmech.probes.base import Cost, TrainState, differentiable_kernels, layer_groups, split_batch
+from lmech.core.batch import Output, adapt_input_pair, split_batch, tensor_output
+from lmech.probes.base import Cost, TrainState, differentiable_kernels, layer_groups
 from lmech.probes.precision import full_precision
 
 __all__ = [

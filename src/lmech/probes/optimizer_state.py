@@ -100,7 +100,7 @@ def optimizer_update(optimizer: torch.optim.Optimizer | None, model: nn.Module, 
       \frac{q}{\sqrt{\hat v_t}+\epsilon}`, :math:`\hat v_t = v_t/(1-\beta_2^t)`, with the gate
       :math:`q` of PopRiskAdamW (its ``gates()``; 1 otherwise), :math:`\beta = \beta_1`,
       :math:`c = 1-\beta_1`, bias correction :math:`1-\beta_1^t`. Built from
-      :func:`lmech.probes.sharpness.adam_preconditioner`, whose diagonal
+      :func:`lmech.probes.hessian.adam_preconditioner`, whose diagonal
       :math:`(1-\beta_1^t)(\sqrt{\hat v}+\epsilon)/\text{lr}_\text{group}` is inverted and multiplied
       by :math:`1-\beta_1^t`.
 
@@ -117,7 +117,7 @@ def optimizer_update(optimizer: torch.optim.Optimizer | None, model: nn.Module, 
     """
     if optimizer is None:
         return UpdateModel()
-    from lmech.probes.sharpness import adam_preconditioner
+    from lmech.probes.hessian import adam_preconditioner
 
     fm = FunctionalModel(model, params)
     by_name = dict(model.named_parameters())

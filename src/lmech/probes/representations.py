@@ -42,8 +42,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lmech.core.batch import adapt_inputs
-from lmech.probes.base import Cost, TrainState, split_batch
+from lmech.core.batch import adapt_inputs, split_batch
+from lmech.probes.base import Cost, TrainState
 from lmech.probes.precision import full_precision
 
 __all__ = [

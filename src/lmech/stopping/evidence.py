@@ -13,7 +13,7 @@ than noise would. This is the reading of Cockpit's ``EarlyStopping`` quantity (S
 Hennig 2021, ``cockpit/quantities/early_stopping.py``: ``1 - B * snr.mean()``,
 :math:`\epsilon = 10^{-5}`). The paper smooths the criterion over steps; here ``patience``
 consecutive positive evaluations play that role. :func:`eb_criterion` computes EB from a
-:class:`lmech.probes.gradnoise.GradNoise`.
+:class:`lmech.probes.gradnoise_stats.GradNoise`.
 
 Example:
     >>> from lmech.stopping import EvidenceStopping

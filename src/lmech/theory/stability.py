@@ -39,7 +39,7 @@ Jury's conditions :math:`|D| < 1`, :math:`1 - T + D > 0`, :math:`1 + T + D > 0`)
   :math:`\lambda`): :math:`v = m/(1-\beta_1)` turns the EMA into heavy ball with step
   :math:`\eta(1-\beta_1)`, so :math:`\eta(1-\beta_1)\lambda < 2 + 2\beta_1`. The preconditioner
   convention (including the :math:`1-\beta_1^t` bias correction of :math:`m`) is the one of
-  :func:`lmech.probes.sharpness.adam_preconditioner`, which folds :math:`\eta` into :math:`P`
+  :func:`lmech.probes.hessian.adam_preconditioner`, which folds :math:`\eta` into :math:`P`
   and so compares :math:`\lambda_1` with the dimensionless :math:`(2+2\beta_1)/(1-\beta_1)`;
   divide its eigenvalues by :math:`\eta` to compare with :func:`adam_threshold`.
 

@@ -47,6 +47,11 @@ def assert_bad_input(result, message, written):
     (["run", "grokking", "--max-memory", "lots"], "--max-memory 'lots' is not a size"),
     (["run", "grokking", "--seed", "true"], "Invalid value for '--seed'"),
     (["run", "grokking", "--bogus"], "No such option: --bogus"),
+    (["run", "inr-noise", "--set", "stopping=oracle"], "bad value for stopping: 'oracle' is not one of none, path_loo"),
+    (["run", "inr-noise", "--set", "stopping=gate", "--set", "stop_patience=0"], "patience must be a positive integer"),
+    (["run", "inr-noise", "--set", "stop_patience=3"], "stop_patience has no effect with stopping=none"),
+    (["run", "pinn-advection", "--set", "stopping=path_loo"], "stopping=path_loo is not available here"),
+    (["sweep", "quanta", "--grid", "stopping=gate,channel_noise"], "stopping=channel_noise is not available here"),
 ])
 def test_bad_values_exit_2_with_one_line_and_write_nothing(tmp_path, args, message):
     out = tmp_path / "store"

@@ -100,3 +100,80 @@ def test_inr_noise_with_probes_from_the_config(tmp_path):
     assert "probe/loss" in b.columns and "probe/loss" not in a.columns
     assert np.array_equal(a["clean_mse"].dropna().to_numpy(), b["clean_mse"].dropna().to_numpy())
     assert plain["result"]["min_clean_mse"] == probed["result"]["min_clean_mse"]
+
+
+def test_a_stopping_rule_stops_where_a_hand_written_loop_stops(tmp_path):
+    """train() with a StoppingDriver == the stopping module's "any loop" example written out by hand."""
+    from lmech.stopping import GateFractionStopping, gradient_signals
+
+    loop, _ = _linear_loop(steps=200)
+    net, (x, y) = loop.model, loop.probe_batch
+    by_hand = GateFractionStopping(batch_size=64, factor=1.5, patience=2)
+    fed = []
+    for step in range(1, 201):
+        loss = loop.loss(step - 1)
+        loop.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        loop.optimizer.step()
+        if step % 10 == 0:
+            s = gradient_signals(net, torch.nn.functional.mse_loss, x, y)
+            fed.append((step, s["gate_fraction"]))
+            if by_hand.update(step, **s):
+                break
+    assert by_hand.should_stop and by_hand.stop_step < 200
+    from lmech.stopping.driver import StoppingDriver
+
+    loop, _ = _linear_loop(steps=200)
+    loop.stopping = StoppingDriver(GateFractionStopping(batch_size=64, factor=1.5, patience=2), loop.model,
+                                   torch.nn.functional.mse_loss, loop.probe_batch, rule="gate")
+    with RunStore(tmp_path).create("loop-test", {"stopping": "gate"}, 0) as run:
+        last = train(run, loop)
+    df = RunStore(tmp_path).metrics(run.id, wide=True)
+    assert loop.stopped_at == by_hand.stop_step == df["step"].max()
+    assert loop.stop_result() == {"stop/rule": "gate", "stop/step": by_hand.stop_step,
+                                  "stop/best_step": by_hand.best_step}
+    assert df.dropna(subset=["stop/gate_fraction"])[["step", "stop/gate_fraction"]].values.tolist() == \
+        [[float(s), g] for s, g in fed]
+    assert last["train_mse"] == df["train_mse"].iloc[-1]
+
+
+def test_the_path_rule_reads_a_recorder_that_followed_every_minibatch(tmp_path):
+    """The path-LOO signal the loop feeds == a recorder stepped by hand with the same minibatches."""
+    from lmech.probes.gramian import PathRecorder
+    from lmech.stopping import PathLOOStopping
+    from lmech.stopping.driver import StoppingDriver
+
+    def run_loop(with_driver):
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+        x, y = torch.randn(32, 4), torch.randn(32, 1)
+        gen = torch.Generator().manual_seed(1)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+        picked = {}
+
+        def loss(step):
+            idx = picked["idx"] = torch.randperm(32, generator=gen)[:8]
+            return (net(x[idx]) - y[idx]).square().mean()
+
+        make = lambda: PathRecorder(net, x, y, x[:2], optimizer=opt, loss_scale=2.0)  # noqa: E731
+        if with_driver:
+            loop = TrainingLoop(net, opt, 30, 10, loss, lambda s: {"l": 0.0}, watch="l",
+                                stopping=StoppingDriver(PathLOOStopping(patience=100), net, recorder=make,
+                                                        batch_indices=lambda: picked["idx"]))
+            with RunStore(tmp_path).create("loop-test", {"path": 1}, 0) as run:
+                train(run, loop)
+            df = RunStore(tmp_path).metrics(run.id, wide=True).dropna(subset=["stop/poprisk_loo"])
+            return df[["step", "stop/poprisk_loo"]].values.tolist()
+        rec, out = make(), []
+        rec.start()
+        for step in range(1, 31):
+            value = loss(step - 1)
+            opt.zero_grad(set_to_none=True)
+            value.backward()
+            opt.step()
+            scalars = rec.step(batch=picked["idx"])
+            if step % 10 == 0:
+                out.append([float(step), scalars["poprisk_loo"]])
+        return out
+
+    assert run_loop(True) == run_loop(False)

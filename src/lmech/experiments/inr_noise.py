@@ -25,6 +25,13 @@ Result: ``min_clean_mse`` and its step, ``final_clean_mse``, ``final_train_mse``
 ``final_interp_mse``, ``noise_var`` and ``overfit_ratio`` = final / min clean MSE.
 Check: at its best point the network denoises, ``min_clean_mse < noise_var``.
 
+Early stopping (``stopping``, :mod:`lmech.experiments.stopping_keys`): the gradient rules (``gate``,
+``evidence``, ``train_loss``) read :func:`lmech.stopping.gradient_signals` on the training points
+(every k-th for more than 1,024), the path rules a :class:`lmech.probes.gramian.PathRecorder` on all
+of them that follows every minibatch step (at most 1,024 points; not with Grokfast). Training ends
+at the evaluation where the rule fires; the result adds ``stop/rule``, ``stop/step`` and
+``stop/best_step``, and the ``final_*`` metrics are those of the stopping step.
+
 The claim tested (generalization paper, abstract): PopRiskAdamW "suppresses memorization" in
 implicit neural representations; the paper's own INR setup was not recoverable.
 """
@@ -42,13 +49,18 @@ from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.experiments.loop import ProbeLevel, TrainingLoop, train
 from lmech.experiments.optimizer_keys import (OptimizerKeys, optimizer_diagnostics, optimizer_options,
                                               validate_optimizer_keys)
+from lmech.experiments.stopping_keys import STOPPING_RULES, StoppingKeys, stopping_driver, validate_stopping_keys
 from lmech.models import MLP
 from lmech.optim import build_optimizer
 from lmech.train import minibatches, weight_norm
 
 
+MAX_STOP_BATCH = 1024  # gradient signals: per-example gradients of at most this many training points
+MAX_PATH_POINTS = 1024  # path rules: the recorder's n x n operators (80 n^2 bytes and more)
+
+
 @dataclass
-class INRNoiseConfig(OptimizerKeys):
+class INRNoiseConfig(StoppingKeys, OptimizerKeys):
     dim: Literal[1, 2] = 1
     resolution: int = 256
     noise_std: float = 0.5
@@ -79,6 +91,11 @@ class INRNoiseConfig(OptimizerKeys):
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
         n = self.resolution ** self.dim
         validate_optimizer_keys(self, min(self.batch_size, n), n)
+        path_ok = n <= MAX_PATH_POINTS and self.optimizer != "grokfast"
+        why = (f"the path rules record n x n operators over the {n} training points (at most {MAX_PATH_POINTS})"
+               if n > MAX_PATH_POINTS else "the path recorder models SGD, Adam, AdamW and PopRiskAdamW steps, not Grokfast")
+        validate_stopping_keys(self, STOPPING_RULES if path_ok else ("none", "gate", "evidence", "train_loss"),
+                               len(stop_indices(n)), why)
 
 
 class FourierFeatureMLP(nn.Module):
@@ -99,6 +116,12 @@ class FourierFeatureMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         z = 2 * math.pi * x @ self.B.T
         return self.mlp(torch.cat([torch.sin(z), torch.cos(z)], dim=-1))
+
+
+def stop_indices(n: int) -> Tensor:
+    """The training points the gradient signals of a stopping rule are measured on: all of them, or
+    every k-th one for more than :data:`MAX_STOP_BATCH`."""
+    return torch.arange(0, n, max(1, -(-n // MAX_STOP_BATCH)))
 
 
 def signal(x: Tensor) -> Tensor:
@@ -149,14 +172,26 @@ def run(cfg: INRNoiseConfig, run, seed: int) -> dict:
         if evals["clean_mse"] < best["mse"]:
             best.update(mse=evals["clean_mse"], step=step)
 
+    last_batch: dict = {}
+
     def loss(step: int) -> Tensor:
-        idx = next(batches)
+        idx = last_batch["idx"] = next(batches)
         return (model(x[idx]) - y[idx]).square().mean()
 
-    evals = train(run, TrainingLoop(
+    def recorder():
+        from lmech.probes.gramian import PathRecorder
+
+        # S = the training points; the minibatch loss is 2 x half_mse (one output); no labels beyond S
+        return PathRecorder(model, x, y, x_mid[:2], optimizer=optimizer, loss_scale=2.0)
+
+    stop = stop_indices(n)
+    loop = TrainingLoop(
         model, optimizer, cfg.steps, cfg.eval_every, loss, evaluate, watch="train_mse",
         extras=lambda: dict(weight_norm=weight_norm(model), **optimizer_diagnostics(optimizer)), on_eval=on_eval,
-        probes=cfg.probes, probe_batch=(x[:256], y[:256]), probe_loss=torch.nn.functional.mse_loss))
+        probes=cfg.probes, probe_batch=(x[:256], y[:256]), probe_loss=torch.nn.functional.mse_loss,
+        stopping=stopping_driver(cfg, model, torch.nn.functional.mse_loss, (x[stop], y[stop]), recorder,
+                                 batch_indices=lambda: None if batch >= n else last_batch["idx"]))
+    evals = train(run, loop)
     best, best_step = best["mse"], best["step"]
 
     with torch.no_grad():
@@ -165,7 +200,7 @@ def run(cfg: INRNoiseConfig, run, seed: int) -> dict:
     return {"min_clean_mse": best, "step_min_clean": best_step, "final_clean_mse": evals["clean_mse"],
             "final_train_mse": evals["train_mse"], "final_interp_mse": evals["interp_mse"],
             "noise_var": cfg.noise_std ** 2, "overfit_ratio": evals["clean_mse"] / max(best, 1e-300),
-            "n_train": n, "n_params": sum(p.numel() for p in model.parameters())}
+            "n_train": n, "n_params": sum(p.numel() for p in model.parameters()), **loop.stop_result()}
 
 
 def check(result: dict) -> list[CheckRow]:

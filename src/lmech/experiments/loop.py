@@ -15,6 +15,7 @@ Schedule (what every entry that uses it shares, bit for bit with the loops it re
         optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step()
         check_finite(loss)
         monitor.step(step + 1, optimizer)            # only with probes != "none"
+        stopping.after_step()                        # only with a stopping rule (path recorder)
 
 Instruments: ``probes="none"`` (every entry's default) attaches nothing, so the run computes what
 it computed before the key existed (the key is hash-neutral at ``"none"``:
@@ -23,6 +24,14 @@ preset (:mod:`lmech.monitor`) on the entry's probe batch, every ``probe_every`` 
 ``eval_every``), writing ``probe/``, ``gradnoise/``, ``weights/``, ``sharpness/``... columns into the
 run. The Monitor restores every random generator after measuring, so the training losses do not
 change either way (tested).
+
+Early stopping: ``stopping=None`` (the default) changes nothing. A
+:class:`lmech.stopping.driver.StoppingDriver` is fed at every evaluation after step 0 with the
+validation-free signals its rule needs (measured on training data only, logged as ``stop/<signal>``
+columns); when the rule fires, that evaluation is the last one: it is logged with ``stop/step`` and
+``stop/best_step`` and training ends there. :meth:`TrainingLoop.stop_result` gives the decision for
+the entry's result (``{}`` without a rule). The measurements draw no random numbers and restore the
+model's mode, so the metrics up to the stopping step are those of the run without a rule (tested).
 
 Example:
     >>> import torch
@@ -80,6 +89,7 @@ class TrainingLoop:
         eval_at: ``step -> bool``, which steps are evaluated (after that many updates), for schedules
             other than every ``eval_every`` steps and the last (e.g. geometrically spaced steps).
         stopped_at: set by :func:`train`: the step training ended at (``steps``, or earlier).
+        stopping: a :class:`lmech.stopping.driver.StoppingDriver` (module docstring), or ``None``.
     """
 
     model: nn.Module
@@ -97,6 +107,12 @@ class TrainingLoop:
     probe_every: int | None = None
     eval_at: Callable[[int], bool] | None = None
     stopped_at: int | None = None
+    stopping: Any = None
+
+    def stop_result(self) -> dict:
+        """The stopping decision for the entry's result (``stop/rule``, ``stop/step``,
+        ``stop/best_step``); ``{}`` without a stopping rule, so results are as before."""
+        return {} if self.stopping is None else self.stopping.decision()
 
     def monitor(self, run):
         """The Monitor of ``probes`` writing into ``run`` (``None`` for ``"none"``)."""
@@ -115,6 +131,9 @@ class TrainingLoop:
 def train(run, loop: TrainingLoop) -> dict:
     """Run ``loop`` into ``run``; returns the metrics of the last evaluation (the final step's)."""
     monitor = loop.monitor(run)
+    stopping = loop.stopping
+    if stopping is not None:
+        stopping.start()
     last_good, evals = 0, {}
     try:
         for step in range(loop.steps + 1):
@@ -122,8 +141,10 @@ def train(run, loop: TrainingLoop) -> dict:
             if due:
                 evals = loop.evaluate(step)
                 check_finite(evals[loop.watch], step, last_good)
-                run.log(step, **evals, **loop.extras())
-                if loop.on_eval is not None and loop.on_eval(step, evals):
+                signals = _stop_signals(stopping, step)
+                run.log(step, **evals, **loop.extras(), **signals)
+                stop = loop.on_eval is not None and loop.on_eval(step, evals)
+                if stop or (stopping is not None and stopping.fired):
                     break
             if step == loop.steps:
                 break
@@ -135,11 +156,25 @@ def train(run, loop: TrainingLoop) -> dict:
             last_good = step + 1
             if monitor is not None:
                 monitor.step(step + 1, optimizer=loop.optimizer)
+            if stopping is not None:
+                stopping.after_step()
     finally:
         if monitor is not None:
             monitor.close()
     loop.stopped_at = step
     return evals
+
+
+def _stop_signals(stopping, step: int) -> dict:
+    """Feed the rule at an evaluation after step 0; its signals as ``stop/`` columns, and the
+    decision at the step it fires."""
+    if stopping is None or step == 0:
+        return {}
+    out = {f"stop/{k}": v for k, v in stopping.observe(step).items()}
+    if stopping.fired:
+        decision = stopping.decision()
+        out.update({"stop/step": decision["stop/step"], "stop/best_step": decision["stop/best_step"]})
+    return out
 
 
 __all__ = ["PROBE_LEVELS", "ProbeLevel", "TrainingLoop", "train"]

@@ -27,6 +27,12 @@ Logged every ``eval_every`` steps: the loss terms on the current batch and ``rel
 the exact (clean) solution. Result: ``step_to_target``, the first evaluated step with
 ``rel_l2 <= target_rel_l2`` (0.40, the paper's threshold; ``None`` if never), ``min_rel_l2`` and
 ``final_rel_l2``. Check: the target is reached.
+
+Early stopping (``stopping``, :mod:`lmech.experiments.stopping_keys`): ``gate``, ``evidence`` and
+``train_loss`` read :func:`lmech.stopping.gradient_signals` on the noisy initial-condition fit
+(:class:`InitialCondition`, ``n_ic`` examples, mean squared error): the only supervised term, and
+the one whose noise the network can memorize. Training ends at the evaluation where the rule fires;
+the result adds ``stop/rule``, ``stop/step`` and ``stop/best_step``.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.experiments.loop import ProbeLevel, TrainingLoop, train
 from lmech.experiments.optimizer_keys import (OptimizerKeys, optimizer_diagnostics, optimizer_options,
                                               validate_optimizer_keys)
+from lmech.experiments.stopping_keys import GRADIENT_RULES, StoppingKeys, stopping_driver, validate_stopping_keys
 from lmech.models import MLP
 from lmech.optim import build_optimizer
 from lmech.train import minibatches, weight_norm
@@ -50,7 +57,7 @@ TWO_PI = 2 * math.pi
 
 
 @dataclass
-class PINNAdvectionConfig(OptimizerKeys):
+class PINNAdvectionConfig(StoppingKeys, OptimizerKeys):
     beta: float = 5.0
     noise_std: float = 0.2
     n_ic: int = 128
@@ -83,6 +90,9 @@ class PINNAdvectionConfig(OptimizerKeys):
         require(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1 and beta2 must be in [0, 1)")
         require(self.target_rel_l2 > 0, f"target_rel_l2 must be positive, got {self.target_rel_l2}")
         validate_optimizer_keys(self, min(self.batch_size, self.n_collocation), self.n_collocation)
+        validate_stopping_keys(self, ("none", *GRADIENT_RULES), self.n_ic,
+                               "the path rules follow a supervised fit of a training set; the PINN loss is mostly a "
+                               "physics residual")
 
 
 class PINN(nn.Module):
@@ -94,6 +104,18 @@ class PINN(nn.Module):
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         return self.mlp(torch.stack([x / math.pi - 1, 2 * t - 1], dim=-1))[..., 0]
+
+
+class InitialCondition(nn.Module):
+    """``x -> u(x, 0)``: the PINN's initial-condition fit as a one-input model (parameters shared),
+    the supervised part of the loss that the stopping rules' gradient signals are measured on."""
+
+    def __init__(self, pinn: PINN):
+        super().__init__()
+        self.pinn = pinn
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.pinn(x, torch.zeros_like(x))
 
 
 def exact(x: Tensor, t: Tensor, beta: float) -> Tensor:
@@ -155,7 +177,9 @@ def run(cfg: PINNAdvectionConfig, run, seed: int) -> dict:
                         extras=lambda: dict(weight_norm=weight_norm(model), **optimizer_diagnostics(optimizer)),
                         on_eval=on_eval, probes=cfg.probes,
                         probe_batch=((x_ic, zeros_ic), u0),  # the initial condition: a supervised fit
-                        probe_loss=torch.nn.functional.mse_loss)
+                        probe_loss=torch.nn.functional.mse_loss,
+                        stopping=stopping_driver(cfg, InitialCondition(model), torch.nn.functional.mse_loss,
+                                                 (x_ic, u0)))
     rel = train(run, loop)["rel_l2"]
     step, step_to_target, best = loop.stopped_at, state["step_to_target"], state["best"]
 
@@ -164,7 +188,7 @@ def run(cfg: PINNAdvectionConfig, run, seed: int) -> dict:
         u_fit0 = model(x_ic, zeros_ic)
     _save_figure(run, cfg, gx, gt, u, u_star, x_ic, u0, u_fit0, step_to_target)
     return {"step_to_target": step_to_target, "min_rel_l2": best, "final_rel_l2": rel, "steps_run": step,
-            "n_params": sum(p.numel() for p in model.parameters())}
+            "n_params": sum(p.numel() for p in model.parameters()), **loop.stop_result()}
 
 
 def check(result: dict) -> list[CheckRow]:

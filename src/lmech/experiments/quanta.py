@@ -51,6 +51,13 @@ would count the same deviation twice. The infinite-task exponent
 comparison here: with 16-64 tasks and 7-17 of them learned, the truncated tail makes the measured
 exponent 0.50-0.64 against 0.33-0.50; no check uses it.
 
+Early stopping (``stopping``, :mod:`lmech.experiments.stopping_keys`): ``gate``, ``evidence`` and
+``train_loss`` read :func:`lmech.stopping.gradient_signals` (cross-entropy) on a fixed batch of 512
+examples of the training distribution drawn from its own generator (seed + 1), never on the test
+set; the rule is fed at the log-spaced evaluations, so ``stop_patience`` counts those. Training ends
+at the evaluation where the rule fires; the laws are then fitted on the evaluations up to it and the
+result adds ``stop/rule``, ``stop/step`` and ``stop/best_step``.
+
 ``quick``: 32 tasks on 12 bits, Zipf exponent 1.5, width 128, learning rate 3e-3, 6000 steps (about
 nine quanta learned).
 """
@@ -67,6 +74,7 @@ from scipy.stats import spearmanr
 from lmech.experiments.laws import first_crossing, loglog_slope
 from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.experiments.loop import ProbeLevel, TrainingLoop, train
+from lmech.experiments.stopping_keys import GRADIENT_RULES, StoppingKeys, stopping_driver, validate_stopping_keys
 from lmech.models import MLP
 from lmech.tasks import sparse_parity
 
@@ -76,10 +84,11 @@ SPEARMAN_MIN = 0.8
 GAMMA_TOLERANCE = 0.30
 R2_MIN = 0.97
 EXPONENT_TOLERANCE = 0.10
+STOP_BATCH = 512  # training-distribution examples the stopping rules' gradient signals are measured on
 
 
 @dataclass
-class QuantaConfig:
+class QuantaConfig(StoppingKeys):
     n_tasks: int = 64
     n_bits: int = 16
     k: int = 3
@@ -100,6 +109,9 @@ class QuantaConfig:
         require(self.width > 0 and self.lr > 0 and self.batch_size > 0, "width, lr, batch_size must be positive")
         require(self.steps >= 100 and self.n_eval >= 10, "steps >= 100 and n_eval >= 10")
         require(self.test_per_task >= 10, "test_per_task must be >= 10")
+        validate_stopping_keys(self, ("none", *GRADIENT_RULES), STOP_BATCH,
+                               "training draws fresh examples every step: there is no fixed training set for the "
+                               "path recorder")
 
 
 class OnlineSampler:
@@ -151,12 +163,16 @@ def run(cfg: QuantaConfig, run, seed: int) -> dict:
                     **{f"task{i:02d}": float(v) for i, v in enumerate(per)})
 
     probe_every = max(1, cfg.steps // cfg.n_eval)
-    train(run, TrainingLoop(model, opt, cfg.steps, probe_every, loss, evaluate, watch="mean_loss",
-                            eval_at=lambda step: step in evals, probes=cfg.probes,
-                            probe_batch=(data.x_test[:256], data.y_test[:256]), probe_loss=F.cross_entropy))
+    # a fixed batch of the training distribution from its own generator (the training draws are untouched)
+    stop_batch = OnlineSampler(data, seed + 1)(STOP_BATCH) if cfg.stopping != "none" else None
+    loop = TrainingLoop(model, opt, cfg.steps, probe_every, loss, evaluate, watch="mean_loss",
+                        eval_at=lambda step: step in evals, probes=cfg.probes,
+                        probe_batch=(data.x_test[:256], data.y_test[:256]), probe_loss=F.cross_entropy,
+                        stopping=stopping_driver(cfg, model, F.cross_entropy, stop_batch))
+    train(run, loop)
     steps, losses = np.array(steps, dtype=float), np.array(losses)
     result = analyze(steps, losses, probs, cfg.zipf_exponent - 1.0)
-    result.update(n_tasks=cfg.n_tasks, steps=cfg.steps)
+    result.update(n_tasks=cfg.n_tasks, steps=cfg.steps, **loop.stop_result())
     _save_figure(run, cfg, steps, losses, probs, result)
     return result
 

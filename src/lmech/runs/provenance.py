@@ -10,10 +10,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-HASH_NEUTRAL: dict[str, Any] = {"probes": "none"}
+HASH_NEUTRAL: dict[str, Any] = {"probes": "none", "stopping": "none", "stop_patience": 5, "stop_min_step": 0,
+                                "stop_min_delta": 0.0, "stop_factor": 1.0}
 """Config keys added after runs were stored, each with the value that means "as before" (e.g. the
 catalog's ``probes`` key: ``"none"`` attaches no Monitor, so the run computes what it computed
-before the key existed). A config whose key holds that value hashes as if the key were absent, so
+before the key existed; ``stopping`` at ``"none"`` with its parameters at their defaults,
+:data:`lmech.experiments.stopping_keys.NEUTRAL`, attaches no stopping rule). A config whose key holds that value hashes as if the key were absent, so
 adding such a key at its default changes no run id (a long sweep resumes by run id); any other value
 is hashed as usual. Add a key here only together with such a default."""
 

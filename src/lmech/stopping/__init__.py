@@ -28,11 +28,19 @@ Example (any loop)::
             break
     print(stopper.best_step)
 
+The same loop with the signals measured for you: :class:`lmech.stopping.driver.StoppingDriver`
+(``driver.observe(step)`` at an evaluation, ``driver.after_step()`` after each optimizer step for the
+path rules); the catalog's training loop takes one, and the entries on it expose the rules as the
+config key ``stopping`` (:mod:`lmech.experiments.stopping_keys`)::
+
+    lmech run inr-noise --quick --set stopping=path_loo
+
 Benchmark and results: ``scripts/no_validation_study.py``, docs/results/no-validation.md.
 """
 
 from lmech.stopping.base import MinimumRule, StoppingCriterion, ThresholdRule, replay
 from lmech.stopping.channel_noise import ChannelNoiseStopping, channel_noise_risk, channel_noise_signals
+from lmech.stopping.driver import StoppingDriver
 from lmech.stopping.evidence import EvidenceStopping, eb_criterion
 from lmech.stopping.gate import GateFractionStopping, null_gate_fraction
 from lmech.stopping.oracle import OracleStopping, oracle_step
@@ -45,5 +53,5 @@ __all__ = [
     "PathLOOStopping", "GateFractionStopping", "null_gate_fraction", "ChannelNoiseStopping",
     "channel_noise_risk", "channel_noise_signals",
     "EvidenceStopping", "eb_criterion", "TrainLossPatience", "OracleStopping", "oracle_step",
-    "gradient_signals",
+    "gradient_signals", "StoppingDriver",
 ]

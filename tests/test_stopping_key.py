@@ -1,0 +1,160 @@
+"""The ``stopping`` config key of the catalog entries on the training loop (inr-noise, pinn-advection,
+quanta): hash-neutral at none, a stopped run is the plain run cut at the stopping step, and the stop
+step is the one the stand-alone criterion (and the Lightning callback) gives on the run's signals."""
+
+import dataclasses
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from lmech import experiments
+from lmech.errors import ConfigError
+from lmech.experiments.stopping_keys import NEUTRAL, build_criterion
+from lmech.runs import load
+from lmech.runs.provenance import HASH_NEUTRAL, config_hash
+from lmech.stopping import OracleStopping, replay
+from lmech.stopping.driver import StoppingDriver
+
+INR = {"resolution": 32, "steps": 60, "width": 16, "depth": 2, "n_features": 8, "eval_every": 5, "batch_size": 8}
+PINN = {"steps": 60, "width": 8, "depth": 2, "n_collocation": 64, "batch_size": 16, "n_ic": 16, "n_bc": 8,
+        "eval_every": 5}
+QUANTA = {"n_tasks": 8, "n_bits": 8, "k": 2, "width": 16, "steps": 200, "n_eval": 20, "test_per_task": 10,
+          "batch_size": 32}
+
+# per entry, rules whose tiny run fires before or at the cap (measured while writing this)
+CASES = [
+    ("inr-noise", INR, {"stopping": "path_loo", "stop_patience": 2, "stop_min_delta": 0.05}),
+    ("inr-noise", INR, {"stopping": "channel_noise", "stop_patience": 2, "stop_min_delta": 0.05}),
+    ("inr-noise", INR, {"stopping": "gate", "stop_patience": 2, "stop_factor": 2.0}),
+    ("pinn-advection", PINN, {"stopping": "train_loss", "stop_patience": 2}),
+    ("pinn-advection", PINN, {"stopping": "gate", "stop_patience": 2, "stop_factor": 2.0}),
+    ("quanta", QUANTA, {"stopping": "train_loss", "stop_patience": 2, "stop_min_delta": 0.05}),
+    ("quanta", QUANTA, {"stopping": "gate", "stop_patience": 2, "stop_factor": 2.0}),
+]
+
+
+def _signals(df):
+    """The rows the rule was fed: step and the ``stop/`` signal columns, without the decision columns."""
+    cols = [c for c in df.columns if c.startswith("stop/") and c not in ("stop/step", "stop/best_step")]
+    fed = df.dropna(subset=cols)
+    return [{"step": int(r["step"]), **{c[5:]: float(r[c]) for c in cols}} for _, r in fed.iterrows()]
+
+
+def _lightning_stop(criterion, rows):
+    """Drive the Lightning StoppingCallback with the logged signals as a trainer's callback metrics."""
+    from lmech.integrations.stopping_lightning import StoppingCallback
+
+    cb = StoppingCallback(criterion)
+    for row in rows:
+        trainer = SimpleNamespace(global_step=row["step"], should_stop=False,
+                                  callback_metrics={k: torch.tensor(v) for k, v in row.items() if k != "step"})
+        cb.on_train_batch_end(trainer, None, None, None, 0)
+        if trainer.should_stop:
+            break
+    return cb.criterion
+
+
+@pytest.mark.parametrize("name, tiny, rule", CASES, ids=[f"{c[0]}-{c[2]['stopping']}" for c in CASES])
+def test_a_stopped_run_is_the_plain_run_cut_at_the_rules_step(tmp_path, name, tiny, rule):
+    plain = experiments.run_experiment(name, tiny, out=tmp_path)
+    stopped = experiments.run_experiment(name, {**tiny, **rule}, out=tmp_path)
+    # never fires (min_step past the cap) but is fed, and logs, every evaluation: the brute-force reference
+    fed = experiments.run_experiment(name, {**tiny, **rule, "stop_min_step": tiny["steps"] + 1}, out=tmp_path)
+    assert plain["state"] == stopped["state"] == fed["state"] == "done", (stopped["message"], fed["message"])
+    r = stopped["result"]
+    step = r["stop/step"]
+    assert r["stop/rule"] == rule["stopping"] and step is not None and 0 < step <= tiny["steps"]
+    assert fed["result"]["stop/step"] is None and "stop/rule" not in plain["result"]
+
+    a, b, c = (load(s["id"], root=tmp_path, wide=True) for s in (plain, stopped, fed))
+    assert b["step"].max() == step and b.loc[b["step"] == step, "stop/step"].item() == step
+    assert b.loc[b["step"] == step, "stop/best_step"].item() == r["stop/best_step"]
+    training = [col for col in a.columns if col != "step"]
+    assert not any(col.startswith("stop/") for col in training)
+    cut = a[a["step"] <= step].reset_index(drop=True)
+    assert cut[training].equals(b[training].reset_index(drop=True))   # bit for bit up to the stop
+    assert a[training].equals(c[training])                            # feeding the rule changes nothing
+
+    cfg = experiments.get(name).make_config({**tiny, **rule})
+    size = {"inr-noise": 32, "pinn-advection": 16, "quanta": 512}[name]
+    rows = _signals(c)
+    assert [row for row in rows if row["step"] <= step] == _signals(b)
+    alone = replay(build_criterion(cfg, size), rows)
+    assert (alone.stop_step, alone.best_step) == (step, r["stop/best_step"])
+    pytest.importorskip("lightning")
+    cb = _lightning_stop(build_criterion(cfg, size), rows)
+    assert (cb.stop_step, cb.best_step) == (step, r["stop/best_step"])
+
+
+@pytest.mark.parametrize("name", ["inr-noise", "pinn-advection", "quanta"])
+def test_the_keys_are_hash_neutral_at_none(name):
+    exp = experiments.get(name)
+    cfg = dataclasses.asdict(exp.make_config(None))
+    assert {k: cfg[k] for k in NEUTRAL} == NEUTRAL and all(HASH_NEUTRAL[k] == v for k, v in NEUTRAL.items())
+    without = {k: v for k, v in cfg.items() if k not in NEUTRAL}
+    assert config_hash(name, cfg, 0) == config_hash(name, without, 0)
+    assert config_hash(name, {**cfg, "stopping": "gate"}, 0) != config_hash(name, without, 0)
+
+
+def test_run_ids_of_stored_runs_do_not_change():
+    """Hashes computed on main before the keys existed (default config seed 0, quick config seed 3)."""
+    before = {"inr-noise": ("c38360828711", "179ceaa96ed1"), "pinn-advection": ("ce26a3aa28b5", "08aeaeb51630"),
+              "quanta": ("830e1e02814f", "56e4d4cfd1cc")}
+    for name, (default, quick) in before.items():
+        exp = experiments.get(name)
+        assert config_hash(name, dataclasses.asdict(exp.make_config(None)), 0)[:12] == default, name
+        assert config_hash(name, dataclasses.asdict(exp.make_config(None, quick=True)), 3)[:12] == quick, name
+
+
+@pytest.mark.parametrize("name, sets, message", [
+    ("inr-noise", {"stopping": "oracle"}, "is not one of none, path_loo"),
+    ("inr-noise", {"stop_patience": "3"}, "stop_patience has no effect with stopping=none"),
+    ("inr-noise", {"stopping": "gate", "stop_min_delta": "0.1"}, "stop_min_delta has no effect with stopping=gate"),
+    ("inr-noise", {"stopping": "evidence", "stop_factor": "2"}, "stop_factor has no effect with stopping=evidence"),
+    ("inr-noise", {"stopping": "path_loo", "stop_patience": "0"}, "patience must be a positive integer"),
+    ("inr-noise", {"stopping": "path_loo", "dim": "2", "resolution": "64"}, "at most 1024"),
+    ("inr-noise", {"stopping": "path_loo", "optimizer": "grokfast"}, "not Grokfast"),
+    ("pinn-advection", {"stopping": "path_loo"}, "stopping=path_loo is not available here (the path rules"),
+    ("quanta", {"stopping": "channel_noise"}, "there is no fixed training set"),
+    ("quanta", {"stopping": "train_loss", "stop_min_delta": "1.5"}, "min_delta (relative) must be in [0, 1)"),
+])
+def test_bad_stopping_keys_are_refused(name, sets, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        experiments.get(name).make_config(sets)
+
+
+def test_the_oracle_is_refused_as_a_loop_rule():
+    cfg = SimpleNamespace(stopping="oracle", stop_patience=5, stop_min_step=0, stop_min_delta=0.0, stop_factor=1.0)
+    with pytest.raises(ConfigError, match="reads held-out data"):
+        build_criterion(cfg)
+    with pytest.raises(ConfigError, match="reads held-out data"):
+        StoppingDriver(OracleStopping(), torch.nn.Linear(2, 1))
+
+
+def test_stop_columns_hold_the_signals_the_rule_read(tmp_path):
+    s = experiments.run_experiment("inr-noise", {**INR, "stopping": "path_loo", "stop_patience": 2,
+                                                 "stop_min_delta": 0.05}, out=tmp_path)
+    df = load(s["id"], root=tmp_path, wide=True)
+    assert {"stop/poprisk_loo", "stop/poprisk_gcv", "stop/leverage"} <= set(df.columns)
+    assert np.isnan(df.loc[df["step"] == 0, "stop/poprisk_loo"]).all()       # not fed at step 0
+    assert np.isfinite(df.loc[df["step"] > 0, "stop/poprisk_loo"]).all()
+
+
+def test_the_key_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    sets = [f"{k}={v}" for k, v in {**INR, "stopping": "path_loo", "stop_patience": 2, "stop_min_delta": 0.05}.items()]
+    out = tmp_path / "store"
+    result = subprocess.run([sys.executable, "-m", "lmech.cli", "run", "inr-noise", *sum((["--set", s] for s in sets), []),
+                             "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode in (0, 1), result.stderr            # 1: a check failed, the run finished
+    from lmech.runs import RunStore
+
+    store = RunStore(out)
+    (run_id,) = store.runs()["id"].tolist()
+    assert store.result(run_id)["stop/rule"] == "path_loo" and store.result(run_id)["stop/step"] == 50
+    df = load(run_id, root=out, wide=True)
+    assert df["step"].max() == 50 and df["stop/step"].dropna().tolist() == [50.0]

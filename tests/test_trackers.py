@@ -114,7 +114,14 @@ def test_wandb_sink_uses_active_run_and_leaves_it_open(tmp_path, monkeypatch):
 def mlflow_uri(tmp_path_factory):
     """One SQLite tracking store for the module (creating its schema takes seconds)."""
     pytest.importorskip("mlflow")
-    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    from mlflow.tracking import MlflowClient
+
+    folder = tmp_path_factory.mktemp("mlflow")
+    uri = f"sqlite:///{folder / 'mlflow.db'}"
+    # a SQLite store puts artifacts under ./mlruns of the working directory unless the experiment
+    # names a location: keep them in the temporary folder, not in the checkout
+    MlflowClient(tracking_uri=uri).create_experiment("lmech-test", artifact_location=(folder / "artifacts").as_uri())
+    return uri
 
 
 def test_mlflow_sink_sqlite_store_read_back(tmp_path, mlflow_uri):

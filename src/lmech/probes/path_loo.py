@@ -60,12 +60,13 @@ Tests: ``tests/test_path_loo.py`` (closed-form smoothers, exact leave-one-out by
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["PathLOO", "path_loo"]
+__all__ = ["LeaveOneOutOutputs", "PathLOO", "leave_one_out_outputs", "path_loo"]
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,66 @@ class PathLOO:
     df: float
 
 
+@dataclass(frozen=True)
+class LeaveOneOutOutputs:
+    r"""The pieces both estimates and the self-influence scores are made of (module docstring).
+
+    Attributes:
+        H: :math:`(n, o, o)`, the diagonal blocks :math:`H_{ii}` of :math:`D/n` (float64).
+        HB: :math:`(n, o, o)`, :math:`H_{ii}B_i`.
+        u: training outputs :math:`u_i`, ``(n, o)`` float64.
+        u_loo: leave-one-out outputs :math:`u_i^{(-i)}`, ``(n, o)`` float64.
+        losses: ``v -> (n,)``, the per-example loss :math:`\ell(v_i, y_i)` of outputs ``v``.
+        responses: :math:`r`, :math:`n o` (squared loss) or :math:`n (o-1)` (cross-entropy).
+    """
+
+    H: Tensor
+    HB: Tensor
+    u: Tensor
+    u_loo: Tensor
+    losses: Callable[[Tensor], Tensor]
+    responses: int
+
+
+def leave_one_out_outputs(D: Tensor, u: Tensor, y: Tensor, loss: str = "mse") -> LeaveOneOutOutputs:
+    r"""One Newton step of the leave-one-out fixed point for every example (module docstring):
+    :math:`u_i^{(-i)} = u_i + (I - H_{ii}B_i)^{-1} H_{ii} d_i`, with :math:`H = D/n`.
+
+    Args:
+        D: :math:`N\times N` (:math:`N = n o`, example-major), the recorder's cumulative ``path.D``
+            (from the initial weights).
+        u: training outputs at the end of the path, ``(n, o)``.
+        y: targets: ``(n, o)`` for ``"mse"`` (:math:`\ell = \frac12\|u-y\|^2`), class indices
+            ``(n,)`` for ``"cross_entropy"``.
+        loss: ``"mse"`` or ``"cross_entropy"``.
+    """
+    if u.dim() != 2:
+        raise ValueError(f"u must be (n, o) outputs, got shape {tuple(u.shape)}")
+    n, o = u.shape
+    if D.shape != (n * o, n * o):
+        raise ValueError(f"D must be ({n * o}, {n * o}) for {n} examples with {o} outputs, got {tuple(D.shape)}")
+    u = u.double()
+    H = D.double().reshape(n, o, n, o).diagonal(dim1=0, dim2=2).permute(2, 0, 1) / n   # (n, o, o): H_ii
+    eye = torch.eye(o, dtype=torch.float64)
+    if loss == "mse":
+        y = y.double().reshape(n, o)
+        d = u - y                                                                # (n, o)
+        B = eye.expand(n, o, o)
+        losses = lambda v: 0.5 * (v - y).pow(2).sum(1)                            # noqa: E731
+        responses = n * o
+    elif loss == "cross_entropy":
+        pi = torch.softmax(u, dim=1)
+        d = pi - F.one_hot(y.long(), o).double()
+        B = torch.diag_embed(pi) - pi[:, :, None] * pi[:, None, :]              # (n, o, o)
+        losses = lambda v: F.cross_entropy(v, y.long(), reduction="none")        # noqa: E731
+        responses = n * (o - 1)
+    else:
+        raise ValueError(f"loss must be 'mse' or 'cross_entropy', got {loss!r}")
+    HB = H @ B
+    shift = torch.linalg.solve(eye - HB, H @ d.unsqueeze(-1)).squeeze(-1)        # u^(-i) - u_i, (n, o)
+    return LeaveOneOutOutputs(H=H, HB=HB, u=u, u_loo=u + shift, losses=losses, responses=responses)
+
+
 def path_loo(D: Tensor, u: Tensor, y: Tensor, loss: str = "mse") -> PathLOO:
     r"""Leave-one-out and GCV population-risk estimates from the path operator (module docstring).
 
@@ -87,32 +148,11 @@ def path_loo(D: Tensor, u: Tensor, y: Tensor, loss: str = "mse") -> PathLOO:
         y: targets: ``(n, o)`` for ``"mse"``, class indices ``(n,)`` for ``"cross_entropy"``.
         loss: ``"mse"`` (:math:`\ell = \frac12\|u-y\|^2`) or ``"cross_entropy"``.
     """
-    n, o = u.shape
-    u = u.double()
-    H = D.double().reshape(n, o, n, o).diagonal(dim1=0, dim2=2).permute(2, 0, 1) / n   # (n, o, o): H_ii
-    eye = torch.eye(o, dtype=torch.float64)
-    if loss == "mse":
-        y = y.double().reshape(n, o)
-        d = u - y                                                                # (n, o)
-        B = eye.expand(n, o, o)
-        responses = n * o
-    elif loss == "cross_entropy":
-        pi = torch.softmax(u, dim=1)
-        d = pi - F.one_hot(y.long(), o).double()
-        B = torch.diag_embed(pi) - pi[:, :, None] * pi[:, None, :]              # (n, o, o)
-        responses = n * (o - 1)
-    else:
-        raise ValueError(f"loss must be 'mse' or 'cross_entropy', got {loss!r}")
-    HB = H @ B
-    shift = torch.linalg.solve(eye - HB, (H @ d.unsqueeze(-1))).squeeze(-1)     # u^(-i) - u_i, (n, o)
-    u_loo = u + shift
-    if loss == "mse":
-        loo = float(0.5 * (u_loo - y).pow(2).sum(1).mean())
-        phi = float(0.5 * d.pow(2).sum(1).mean())
-    else:
-        loo = float(F.cross_entropy(u_loo, y.long()))
-        phi = float(F.cross_entropy(u, y.long()))
-    df = float(HB.diagonal(dim1=1, dim2=2).sum())
-    gcv = phi / (1.0 - df / responses) ** 2
-    leverage = float(H.diagonal(dim1=1, dim2=2).sum()) / (n * o)
+    parts = leave_one_out_outputs(D, u, y, loss)
+    n, o = parts.u.shape
+    loo = float(parts.losses(parts.u_loo).mean())
+    phi = float(parts.losses(parts.u).mean())
+    df = float(parts.HB.diagonal(dim1=1, dim2=2).sum())
+    gcv = phi / (1.0 - df / parts.responses) ** 2
+    leverage = float(parts.H.diagonal(dim1=1, dim2=2).sum()) / (n * o)
     return PathLOO(loo=loo, gcv=gcv, leverage=leverage, df=df)

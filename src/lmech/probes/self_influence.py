@@ -55,8 +55,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from lmech.probes.path_loo import leave_one_out_outputs
 
 __all__ = ["SelfInfluence", "path_self_influence", "TracInSelfInfluence", "per_example_loss"]
 
@@ -92,33 +93,12 @@ def path_self_influence(D: Tensor, u: Tensor, y: Tensor, loss: str = "mse") -> S
         y: targets, ``(n, o)`` for ``"mse"`` (:math:`\ell = \frac12\|u-y\|^2`), class indices ``(n,)``
             for ``"cross_entropy"``.
     """
-    if u.dim() != 2:
-        raise ValueError(f"u must be (n, o) outputs, got shape {tuple(u.shape)}")
-    n, o = u.shape
-    if D.shape != (n * o, n * o):
-        raise ValueError(f"D must be ({n * o}, {n * o}) for {n} examples with {o} outputs, got {tuple(D.shape)}")
-    u = u.double()
-    H = D.double().reshape(n, o, n, o).diagonal(dim1=0, dim2=2).permute(2, 0, 1) / n   # (n, o, o): H_ii
-    eye = torch.eye(o, dtype=torch.float64)
-    if loss == "mse":
-        y = y.double().reshape(n, o)
-        d = u - y                                                                # (n, o)
-        B = eye.expand(n, o, o)
-        own_loss = lambda v: 0.5 * (v - y).pow(2).sum(1)                          # noqa: E731
-    elif loss == "cross_entropy":
-        pi = torch.softmax(u, dim=1)
-        d = pi - F.one_hot(y.long(), o).double()
-        B = torch.diag_embed(pi) - pi[:, :, None] * pi[:, None, :]              # (n, o, o)
-        own_loss = lambda v: F.cross_entropy(v, y.long(), reduction="none")      # noqa: E731
-    else:
-        raise ValueError(f"loss must be 'mse' or 'cross_entropy', got {loss!r}")
-    HB = H @ B
-    shift = torch.linalg.solve(eye - HB, H @ d.unsqueeze(-1)).squeeze(-1)        # u^(-i) - u_i, (n, o)
-    loo_loss, own = own_loss(u + shift), own_loss(u)
+    parts = leave_one_out_outputs(D, u, y, loss)
+    loo_loss, own = parts.losses(parts.u_loo), parts.losses(parts.u)
     scores = loo_loss - own
     return SelfInfluence(scores=scores, loo_loss=loo_loss, loss=own,
-                         leverage=H.diagonal(dim1=1, dim2=2).sum(1) / o,
-                         complexity=float(scores.mean()), df=float(HB.diagonal(dim1=1, dim2=2).sum()))
+                         leverage=parts.H.diagonal(dim1=1, dim2=2).sum(1) / parts.u.shape[1],
+                         complexity=float(scores.mean()), df=float(parts.HB.diagonal(dim1=1, dim2=2).sum()))
 
 
 def per_example_loss(model: nn.Module, loss_fn: Callable, x: Tensor, y: Tensor) -> Tensor:

@@ -2,10 +2,11 @@
 
 Every ``import`` in ``src/lmech`` is read from the source (``ast``), the ones inside functions
 (lazy imports) included, so an upward import cannot hide in a function body. Besides the floors:
-no import circle between the top-level packages, no source file over 700 lines, and the readers
-(``report``, ``lab``) import neither a catalog entry nor an executor (``sweeps``, ``compare``) nor
-the CLI: they may import the catalog's table (``lmech.experiments``) and its figures
-(``lmech.experiments.figures``), which are not entries.
+no import circle between the top-level packages, no source file over 700 lines, the probes import
+no optimizer (``lmech.optim``), nothing outside the catalog imports its private modules or names,
+and the readers (``report``, ``lab``) import neither a catalog entry nor an executor (``sweeps``,
+``compare``) nor the CLI: they may import the catalog's table (``lmech.experiments``) and its
+figures (``lmech.experiments.figures``), which are not entries.
 """
 
 from __future__ import annotations
@@ -143,6 +144,29 @@ def test_the_reader_rule_flags_entries_executors_and_the_cli():
                "lmech.cli", "lmech.experiments", "lmech.experiments.figures.grokking", "lmech.runs.runner",
                "lmech.contract.registry"]
     assert [t for t in targets if forbidden_for_readers(t, entries)] == targets[:5]
+
+
+def test_probes_import_no_optimizer():
+    # same floor, so the floor rule allows it; the instruments measure any optimizer, and import none
+    found = [f"{where(p, line)}  {t}" for p, line, t in EDGES
+             if top(module_name(p)) == "probes" and top(t) == "optim"]
+    assert found == []
+
+
+def test_nothing_outside_the_catalog_imports_its_private_names():
+    private = []
+    for path in SOURCES:
+        if top(module_name(path)) == "experiments":
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lmech.experiments"):
+                names = [a.name for a in node.names if a.name.startswith("_")]
+                if names or any(part.startswith("_") for part in node.module.split(".")):
+                    private.append(f"{where(path, node.lineno)}  {node.module} {names}")
+            elif isinstance(node, ast.Import):
+                private += [f"{where(path, node.lineno)}  {a.name}" for a in node.names
+                            if a.name.startswith("lmech.experiments.") and "._" in a.name]
+    assert private == []
 
 
 def test_no_source_file_over_700_lines():

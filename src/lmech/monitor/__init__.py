@@ -83,6 +83,11 @@ every rank (``CollectiveError`` on the others, within about ``timeout_s``). Unde
 
 Metric names are ``"<probe>/<metric>"`` (e.g. ``"sharpness/lambda_1"``,
 ``"gradnoise/snr/layers.0"``), plus ``"<probe>/seconds"``, the wall time of that probe.
+
+The package, one concept a file: :mod:`lmech.monitor.monitor` (the :class:`Monitor`),
+:mod:`lmech.monitor.presets` (:class:`LossProbe` and the presets), :mod:`lmech.monitor.sinks` (the
+:class:`Sink` protocol; memory, run store, TensorBoard) and :mod:`lmech.monitor.trackers` (W&B and
+MLflow, each importing its package only when a sink is built). Every name is reached from here.
 """
 
 from lmech.monitor.monitor import Monitor

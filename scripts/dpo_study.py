@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lmech.experiments.dpo_noisy import EXPERIMENT, run_seed
-from lmech.report.prune import dpo_figure
+from lmech.experiments.figures.prune import dpo_figure
 
 
 def _cell(v) -> str:

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     text = markdown_table(df.drop(columns=["run_id"]))
     print(text)
     if args.docs:
-        from lmech.report.signal_reservoir import noise_table_figure
+        from lmech.experiments.figures.signal_reservoir import noise_table_figure
         from lmech.runs import RunStore
 
         docs = Path(args.docs)

@@ -167,10 +167,9 @@ def _fmt(v) -> str:
 
 
 def _table(df, cols) -> str:
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for row in df.to_dict("records"):
-        lines.append("| " + " | ".join(_fmt(row.get(c)) for c in cols) + " |")
-    return "\n".join(lines)
+    from lmech.contract.tables import markdown_table
+
+    return markdown_table(cols, ([row.get(c) for c in cols] for row in df.to_dict("records")), _fmt)
 
 
 def comparison_section(key: str, out: Path) -> str:
@@ -242,7 +241,7 @@ CURVE_PANELS = (("test_acc", "held-out accuracy"), ("train_acc", "train accuracy
 def curve_panels(store, curves: list[tuple[str, str, str, str]], title: str, name: str, log: bool) -> str:
     """One row of the four CURVE_PANELS for runs ``(label, run_id, color, linestyle)``, saved as
     ``docs/results/<name>.png``; ``log``: log-scaled step axis and gate axis."""
-    from lmech.report.figures import plt
+    from lmech.plotting import plt
 
     fig, axes = plt.subplots(1, len(CURVE_PANELS), figsize=(18, 3.8))
     for label, run_id, color, ls in curves:

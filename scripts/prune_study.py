@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from lmech.experiments.prune_reservoir import EXPERIMENT, METHODS, run_task
-from lmech.report.prune import prune_figure
+from lmech.experiments.figures.prune import prune_figure
 
 
 def table(results: list[dict], sparsities: list[float]) -> str:

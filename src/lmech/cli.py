@@ -21,6 +21,7 @@ from rich.table import Table
 from rich.text import Text
 
 from lmech.contract.spec import parse_grid, parse_point  # noqa: F401  (their old import path)
+from lmech.contract.tables import check_table
 
 class _OneLineErrors(typer.core.TyperGroup):
     """Usage errors (a bad option type, a missing argument) as one ``error:`` line, exit 2, like every
@@ -147,7 +148,7 @@ def run(
 
         torch.set_num_threads(threads)
 
-    from lmech.experiments.progress import RunProgress
+    from lmech.runs.progress import RunProgress
 
     started = []
 
@@ -199,13 +200,8 @@ def _print_summary(summary: dict) -> None:
 
 
 def checks_table(rows) -> Table:
-    table = Table("quantity", "predicted", "measured", "rel. err", "tolerance", "pass", title="checks")
-    for r in rows:
-        fmt = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
-        table.add_row(escape(r.quantity), escape(fmt(r.predicted)), escape(fmt(r.measured)),
-                      "" if r.rel_err is None else f"{r.rel_err:.3g}",
-                      escape(fmt(r.tolerance)), "[green]PASS[/]" if r.passed else "[red]FAIL[/]")
-    return table
+    """The check rows of one run (:func:`lmech.contract.tables.check_table`)."""
+    return check_table(rows, title="checks")
 
 
 @app.command("sweep")

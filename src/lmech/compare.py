@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from lmech.contract import tables
 from lmech.contract.spec import parse_grid, parse_sets, validate_seed
 from lmech.errors import ConfigError
 
@@ -254,14 +255,11 @@ def markdown_table(df) -> str:
         return str(v)
 
     cols = list(df.columns)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    for row in df.to_dict("records"):
-        lines.append("| " + " | ".join(fmt(row[c]) for c in cols) + " |")
-    return "\n".join(lines)
+    return tables.markdown_table(cols, ([row[c] for c in cols] for row in df.to_dict("records")), fmt)
 
 
 def _figure(result: Comparison, out) -> Path | None:
-    from lmech.report.figures import plt
+    from lmech.plotting import plt
     from lmech.runs import RunStore
 
     store = RunStore(Path(out))

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Callable
 
 from lmech.contract.checks import CheckRow
+from lmech.contract.tables import check_table, format_number, markdown_table
 from lmech.errors import ConfigError
 
 
@@ -103,19 +104,11 @@ class VerifyResult:
 
     def markdown(self) -> str:
         """The check table as GitHub markdown (for results pages)."""
-        lines = ["| entry | quantity | predicted | measured | rel. err | tolerance | pass |",
-                 "| --- | --- | --- | --- | --- | --- | --- |"]
-        for r in self.rows:
-            c = r.row
-            rel = "" if c.rel_err is None else f"{c.rel_err:.3g}"
-            cells = [r.entry, c.quantity, _fmt(c.predicted), _fmt(c.measured), rel, _fmt(c.tolerance),
-                     "PASS" if c.passed else "**FAIL**"]
-            lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
-        return "\n".join(lines)
-
-
-def _fmt(value) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
+        columns = ["entry", "quantity", "predicted", "measured", "rel. err", "tolerance", "pass"]
+        cells = ([r.entry, c.quantity, format_number(c.predicted), format_number(c.measured),
+                  "" if c.rel_err is None else f"{c.rel_err:.3g}", format_number(c.tolerance),
+                  "PASS" if c.passed else "**FAIL**"] for r, c in ((r, r.row) for r in self.rows))
+        return markdown_table(columns, cells, spaced_rule=True)
 
 
 LAW_CATALOG = ("deep-linear", "saddle-to-saddle", "kernel-curves", "edge-of-stability", "mup", "scaling-law",
@@ -233,16 +226,8 @@ def _write_json(result: VerifyResult) -> None:
 
 
 def checks_table(rows: list[VerifyRow], title: str = "lmech verify"):
-    """A rich Table of every row, with the entry column and PASS/FAIL."""
-    from rich.table import Table
-
-    table = Table("entry", "quantity", "predicted", "measured", "rel. err", "tolerance", "pass", title=title)
-    for r in rows:
-        c = r.row
-        table.add_row(r.entry, c.quantity, _fmt(c.predicted), _fmt(c.measured),
-                      "" if c.rel_err is None else f"{c.rel_err:.3g}", _fmt(c.tolerance),
-                      "[green]PASS[/]" if c.passed else "[bold red]FAIL[/]")
-    return table
+    """A rich Table of every row, with the entry column and PASS/FAIL (:func:`lmech.contract.tables.check_table`)."""
+    return check_table([r.row for r in rows], title=title, entries=[r.entry for r in rows])
 
 
 __all__ = ["VerifyResult", "VerifyRow", "checks_table", "default_names", "resolve_names", "verify"]

@@ -1,7 +1,7 @@
 """The experiment catalog.
 
 ``lmech.experiments.names()`` lists the entries; ``get(name)`` returns an :class:`Experiment`;
-``run_experiment(name, sets, seed, out)`` (:mod:`lmech.experiments.runner`) runs one into the run
+``run_experiment(name, sets, seed, out)`` (:mod:`lmech.runs.runner`) runs one into the run
 store, as ``lmech run`` does. Entries are modules that are imported on first use, so listing the
 catalog stays cheap; they are named in the registry (:mod:`lmech.contract.registry`) here, and a
 user adds one with :func:`register`.
@@ -54,7 +54,7 @@ def __getattr__(name: str):
     # run_experiment is imported on first use: importing the catalog's table (the lab, `lmech list`)
     # loads no entry and no executor
     if name == "run_experiment":
-        from lmech.experiments.runner import run_experiment
+        from lmech.runs.runner import run_experiment
 
         return run_experiment
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -232,7 +232,7 @@ def check(result: dict) -> list[CheckRow]:
 
 
 def _save_figure(run, cfg: CentralFlowsConfig) -> None:
-    from lmech.report.figures import plt
+    from lmech.plotting import plt
 
     df = run.metrics(wide=True)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))

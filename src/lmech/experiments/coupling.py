@@ -94,7 +94,7 @@ def run(cfg: CouplingConfig, run, seed: int) -> dict:
         result.update(_rich(cfg, run, seed, x, y, xq, yq, figure_data))
     if cfg.arms in ("both", "lazy"):
         result.update(_lazy(cfg, run, seed, x, y, xq, yq, figure_data))
-    from lmech.report.signal_reservoir import coupling_figure
+    from lmech.experiments.figures.signal_reservoir import coupling_figure
 
     run.save_figure(coupling_figure(figure_data), "coupling")
     return result

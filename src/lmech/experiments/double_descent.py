@@ -93,7 +93,7 @@ def run(cfg: DoubleDescentConfig, run, seed: int) -> dict:
         spectra.append((width, split.eigenvalues, split.cutoff))
         run.log(width, **{k: v for k, v in row.items() if isinstance(v, float) and np.isfinite(v)})
         run.log_array(width, "W_spectrum", split.eigenvalues)
-    from lmech.report.signal_reservoir import double_descent_figure
+    from lmech.experiments.figures.signal_reservoir import double_descent_figure
 
     run.save_figure(double_descent_figure(table, spectra, n, cfg.noise), "double_descent")
     widths = [r["width"] for r in table]

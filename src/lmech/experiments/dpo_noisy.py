@@ -286,7 +286,7 @@ def run(cfg: DPONoisyConfig, run, seed: int) -> dict:
     rows = run_seed(cfg, seed, on_run=lambda r: run.log(next(counter), **{k: float(v) for k, v in r.items()
                                                                             if isinstance(v, (int, float))}))
     sel = [r for r in rows if r["selected"]]
-    from lmech.report.prune import dpo_figure
+    from lmech.experiments.figures.prune import dpo_figure
 
     run.save_figure(dpo_figure(sel, cfg.noise_list()), "dpo_noisy")
     qmax = max(cfg.noise_list())

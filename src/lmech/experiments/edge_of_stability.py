@@ -233,7 +233,7 @@ def check(result: dict) -> list[CheckRow]:
 
 def figure(df, arm_list: list[Arm]):
     """Top: sharpness against step with the threshold dashed (one panel per arm); bottom: loss."""
-    from lmech.report.figures import plt
+    from lmech.plotting import plt
 
     n = len(arm_list)
     fig, axes = plt.subplots(2, n, figsize=(4.2 * n, 6.2), squeeze=False, sharex="col")

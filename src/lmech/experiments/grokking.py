@@ -188,7 +188,7 @@ def check(result: dict) -> list[CheckRow]:
 
 
 def _save_figure(run, cfg: GrokkingConfig, step_95, step_99) -> None:
-    from lmech.report.figures import grokking_figure
+    from lmech.experiments.figures.grokking import grokking_figure
 
     df = run.metrics(wide=True)
     title = f"{cfg.model}: a {cfg.op} b mod {cfg.p}, {cfg.train_fraction:.0%} train, {cfg.optimizer}"

@@ -114,7 +114,7 @@ def run(cfg: GrokkingChannelConfig, run, seed: int) -> dict:
     step_mem = first([r["train_acc"] >= 1.0 for r in rows])
     step_transfer = first([r.get("signal_transfer", -2) >= cfg.transfer_threshold for r in rows])
     step_channel = first([r.get("signal_channel_fraction", -1) >= 0.5 for r in rows])
-    from lmech.report.signal_reservoir import grokking_channel_figure
+    from lmech.experiments.figures.signal_reservoir import grokking_channel_figure
 
     run.save_figure(grokking_channel_figure(rows, windows, dict(memorized=step_mem, channel_half=step_channel,
                                                                 transfer=step_transfer, test_90=step_90)), "grokking_channel")

@@ -167,7 +167,7 @@ def check(result: dict) -> list[CheckRow]:
 
 
 def _save_figure(run, cfg: InContextConfig, result: dict) -> None:
-    from lmech.report.figures import plt
+    from lmech.plotting import plt
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     ax = axes[0]

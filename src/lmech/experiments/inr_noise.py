@@ -209,7 +209,7 @@ def check(result: dict) -> list[CheckRow]:
 
 
 def _save_figure(run, cfg: INRNoiseConfig, x: Tensor, clean: Tensor, y: Tensor, fit: Tensor) -> None:
-    from lmech.report.figures import plt
+    from lmech.plotting import plt
 
     df = run.metrics(wide=True)
     df = df[df["step"] > 0]

@@ -151,7 +151,7 @@ def run(cfg: LabelNoiseConfig, run, seed: int) -> dict:
             "noise_transfer_final": rows[-1]["noise_transfer"],
             "test_error_corr_noise_channel": pearson(col("test_error"), col("noise_channel")),
         })
-    from lmech.report.signal_reservoir import label_noise_figure
+    from lmech.experiments.figures.signal_reservoir import label_noise_figure
 
     title = f"{cfg.task}, q = {cfg.noise:g}, {cfg.optimizer}, width {cfg.width}, n = {n}"
     run.save_figure(label_noise_figure(rows, final.split, final.extras["projections"], title), "label_noise")

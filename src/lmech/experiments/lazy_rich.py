@@ -244,7 +244,7 @@ def check(result: dict) -> list[CheckRow]:
 
 
 def figure(widths, alphas, sweeps: dict, cfg: LazyRichConfig):
-    from lmech.report.figures import plt
+    from lmech.plotting import plt
 
     labels = {FIRST_LAYER: r"$\|\Delta W_1\|_2/\|W_1\|_2$",
               "feature_change": r"$\|\Delta h\|/\|h\|$", "kernel_change": r"$\|\Delta\Theta\|_F/\|\Theta\|_F$",

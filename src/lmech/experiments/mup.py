@@ -266,7 +266,7 @@ def check(result: dict) -> list[CheckRow]:
 
 def figure(coord: dict, transfer: dict, log2_lrs: list[int], t_widths: list[int], step: int, result: dict):
     """Top row: coordinate checks (SP and muP side by side, same y scale); bottom: LR transfer."""
-    from lmech.report.figures import plt
+    from lmech.plotting import plt
 
     models = sorted({m for m, _ in coord}, key=lambda m: m != "mlp")
     ncol = 2 * len(models)

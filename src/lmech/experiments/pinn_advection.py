@@ -197,7 +197,7 @@ def check(result: dict) -> list[CheckRow]:
 
 
 def _save_figure(run, cfg, gx, gt, u, u_star, x_ic, u0, u_fit0, step_to_target) -> None:
-    from lmech.report.figures import plt
+    from lmech.plotting import plt
 
     df = run.metrics(wide=True)
     fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))

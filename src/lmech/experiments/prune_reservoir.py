@@ -158,7 +158,7 @@ def run(cfg: PruneReservoirConfig, run, seed: int) -> dict:
         for k in ("n_dead_inputs", "dead_input_usage_max", "dead_input_usage_update_max", "usage_median"):
             if k in r:
                 result[k] = r[k]
-    from lmech.report.prune import prune_figure
+    from lmech.experiments.figures.prune import prune_figure
 
     run.save_figure(prune_figure([result["tasks"]], cfg.sparsity_list()), "prune_reservoir")
     return result

@@ -181,7 +181,7 @@ def check(result: dict) -> list[CheckRow]:
 def figure(df, lrs: list[float], bss: list[int]):
     """One panel per learning rate: batch sharpness (solid) and full-batch sharpness (dotted) per
     batch size, 2/eta dashed."""
-    from lmech.report.figures import plt
+    from lmech.plotting import plt
 
     fig, axes = plt.subplots(1, len(lrs), figsize=(5.0 * len(lrs), 4.0), squeeze=False)
     for j, lr in enumerate(lrs):

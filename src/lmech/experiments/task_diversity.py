@@ -88,7 +88,7 @@ def check(result: dict) -> list[CheckRow]:
 
 
 def _save_figure(run, cfg: TaskDiversityConfig, result: dict) -> None:
-    from lmech.report.figures import plt
+    from lmech.plotting import plt
 
     pools = result["pools"]
     fig, axes = plt.subplots(1, len(pools), figsize=(5 * len(pools), 4), squeeze=False)

@@ -155,7 +155,7 @@ def check(result: dict) -> list[CheckRow]:
 
 
 def _save_figure(run, cfg: TransformerClustersConfig, result: dict) -> None:
-    from lmech.report.figures import plt
+    from lmech.plotting import plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
     layers = list(range(cfg.layers + 1))

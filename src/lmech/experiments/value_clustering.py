@@ -150,7 +150,7 @@ def check(result: dict) -> list[CheckRow]:
 
 
 def _save_figure(run, series: dict, result: dict) -> None:
-    from lmech.report.figures import plt
+    from lmech.plotting import plt
 
     fig, axes = plt.subplots(1, 4, figsize=(17, 4))
     sim, _ = series["identity"]

@@ -4,6 +4,13 @@ The spec (written by :class:`lmech.lab.playground.Launcher`) holds ``experiment`
 (already validated), ``seed``, ``root`` (the run store) and ``run_id``. The run uses one torch
 thread and the experiment's quick configuration plus the overrides, like
 ``lmech run EXPERIMENT --quick --set key=value --threads 1``.
+
+The run goes through the public contract, not through the catalog's code or an executor:
+:func:`lmech.runs.runner.run_experiment` looks the name up in the registry, builds and validates
+the config and calls the entry's ``run``/``check`` into the store. The worker imports
+:mod:`lmech.experiments` only for the table that registers the built-in names (no entry module is
+imported until the registry returns the one asked for). So the lab imports no entry, no
+executor (sweeps, compare) and not the CLI (tests/test_layers.py checks it).
 """
 
 from __future__ import annotations
@@ -21,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from lmech.experiments.runner import run_experiment
+    import lmech.experiments  # noqa: F401  (registers the built-in names; imports no entry)
+    from lmech.runs.runner import run_experiment
 
     summary = run_experiment(spec["experiment"], spec["overrides"], seed=int(spec["seed"]), out=spec["root"],
                              quick=True, run_id=spec["run_id"])

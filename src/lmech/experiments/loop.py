@@ -13,6 +13,7 @@ Schedule (what every entry that uses it shares, bit for bit with the loops it re
         if step == steps: stop
         loss = loss_fn(step)                         # minibatch loss, training mode
         optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step()
+        scheduler.step()                             # only with a scheduler (learning-rate schedule)
                                                      # or: loss = step_fn(step), the entry's own update
         check_finite(loss)
         run.log(step, **on_step(step, loss))         # optional: e.g. the minibatch loss every k steps
@@ -95,6 +96,7 @@ class TrainingLoop:
             loss (a float); a returned dict is logged at ``step`` (e.g. the minibatch loss every
             ``k`` steps, as logged by the loops this replaced).
         probe_prefix: prepended to the Monitor's column names (several loops in one run).
+        scheduler: a learning-rate scheduler, stepped after every ``optimizer.step()``.
         stopped_at: set by :func:`train`: the step training ended at (``steps``, or earlier).
     """
 
@@ -115,6 +117,7 @@ class TrainingLoop:
     step_fn: Callable[[int], Tensor | float] | None = None
     on_step: Callable[[int, float], dict | None] | None = None
     probe_prefix: str = ""
+    scheduler: Any = None
     stopped_at: int | None = None
 
     def monitor(self, run):
@@ -140,6 +143,8 @@ class TrainingLoop:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
         return float(loss.detach())
 
 
@@ -156,6 +161,45 @@ class _PrefixedSink:
 
     def close(self) -> None:
         self.sink.close()
+
+
+class OncePerStep:
+    """``fn(step)`` computed once per step and shared: a full-batch loop's evaluation and update
+    use the same forward pass (``evaluate`` reads it first, ``loss`` then gets the same tensors,
+    graph attached), as the loops this replaced did with one forward per step.
+
+    Example:
+        >>> calls = []
+        >>> shared = OncePerStep(lambda step: calls.append(step) or step * 2)
+        >>> shared(3), shared(3), shared(4), calls
+        (6, 6, 8, [3, 4])
+    """
+
+    def __init__(self, fn: Callable[[int], Any]):
+        self.fn, self.step, self.value = fn, None, None
+
+    def __call__(self, step: int) -> Any:
+        if self.step != step:
+            self.step, self.value = step, self.fn(step)
+        return self.value
+
+
+def never(step: int) -> bool:
+    """``eval_at`` of a loop that evaluates nothing while it trains (it measures before and after)."""
+    return False
+
+
+def no_evaluation(step: int) -> dict:
+    """``evaluate`` of a loop that evaluates nothing while it trains (with ``eval_at=never``)."""
+    return {}
+
+
+def log_minibatch_loss(name: str, every: int, steps: int) -> Callable[[int, float], dict | None]:
+    """``on_step`` logging the minibatch loss as ``name`` every ``every`` steps and at the last,
+    ``steps - 1`` (at the step whose loss it is, after its update)."""
+    def on_step(step: int, loss: float) -> dict | None:
+        return {name: loss} if step % every == 0 or step == steps - 1 else None
+    return on_step
 
 
 def train(run, loop: TrainingLoop) -> dict:
@@ -189,4 +233,5 @@ def train(run, loop: TrainingLoop) -> dict:
     return evals
 
 
-__all__ = ["PROBE_LEVELS", "ProbeLevel", "TrainingLoop", "train"]
+__all__ = ["PROBE_LEVELS", "OncePerStep", "ProbeLevel", "TrainingLoop", "log_minibatch_loss", "never", "no_evaluation",
+           "train"]

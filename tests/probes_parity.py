@@ -9,12 +9,14 @@ from lmech.experiments import run_experiment
 from lmech.runs import load
 
 
-def assert_probes_leave_training_unchanged(name: str, tiny: dict, root, probe_column: str = "probe/loss"):
+def assert_probes_leave_training_unchanged(name: str, tiny: dict, root, probe_column: str = "probe/loss",
+                                           quick: bool = False):
     """Run ``name`` at ``tiny`` with probes none and economy; ``probe_column`` (a column name, or
     a suffix of one for prefixed loops) appears only in the second, every other column and the
-    result are identical bit for bit. Returns the two wide metric tables (all steps of each)."""
-    plain = run_experiment(name, {**tiny, "probes": "none"}, seed=0, out=root)
-    probed = run_experiment(name, {**tiny, "probes": "economy"}, seed=0, out=root)
+    result are identical bit for bit (``quick``: on top of the entry's quick configuration).
+    Returns the two wide metric tables (all steps of each)."""
+    plain = run_experiment(name, {**tiny, "probes": "none"}, seed=0, out=root, quick=quick)
+    probed = run_experiment(name, {**tiny, "probes": "economy"}, seed=0, out=root, quick=quick)
     assert plain["state"] == probed["state"] == "done", (plain["message"], probed["message"])
     a, b = (load(s["id"], root=root, wide=True) for s in (plain, probed))
     assert not any(c.endswith(probe_column) for c in a.columns)

@@ -28,11 +28,12 @@ run. The Monitor restores every random generator after measuring, so the trainin
 change either way (tested). Several loops may train into one run (arms, widths): ``probe_prefix``
 puts each loop's probe columns under its own name (``"gd_0.1/"`` + ``"sharpness/lambda_1"``).
 
-Updates other than ``zero_grad; backward; step`` (a closed-form or hand-written update, an update
-that reuses the evaluation's full-batch loss) are the entry's ``step_fn``: it makes the whole update
-of step ``step`` and returns its loss; the loop keeps the schedule, the divergence check and the
-Monitor. An evaluation schedule that never fires (``eval_at=lambda step: False``) trains without
-logging, for entries that measure only before and after.
+Updates other than ``zero_grad; backward; step`` (a closed-form or hand-written update, one that
+is skipped on a non-finite loss) are the entry's ``step_fn``: it makes the whole update of step
+``step`` and returns its loss; the loop keeps the schedule, the divergence check and the Monitor.
+A full-batch loop whose evaluation and update share one forward pass wraps it in
+:class:`OncePerStep`. ``eval_at=never, evaluate=no_evaluation`` trains without logging, for
+entries that measure only before and after (or log in ``on_step``: :func:`log_minibatch_loss`).
 
 Example:
     >>> import torch
@@ -96,7 +97,8 @@ class TrainingLoop:
             loss (a float); a returned dict is logged at ``step`` (e.g. the minibatch loss every
             ``k`` steps, as logged by the loops this replaced).
         probe_prefix: prepended to the Monitor's column names (several loops in one run).
-        scheduler: a learning-rate scheduler, stepped after every ``optimizer.step()``.
+        scheduler: a learning-rate scheduler, stepped after every ``optimizer.step()`` (with a
+            ``step_fn``, stepping it is the entry's business).
         stopped_at: set by :func:`train`: the step training ended at (``steps``, or earlier).
     """
 

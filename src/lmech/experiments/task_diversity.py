@@ -18,6 +18,10 @@ Checks, with :math:`D_{\rm dMMSE}` and :math:`D_{\rm ridge}` the mean absolute d
 
 This entry tests a claim about training on CPU budgets far below the paper's (it is not among the
 default laws); a failing row is a result (docs/results/verify.md). ``quick``: fewer steps.
+
+Every pool's transformer trains on in-context's :func:`~lmech.experiments.in_context.train_transformer`
+(the catalog's training loop; ``probes=economy|full``: a Monitor every 50 steps, columns
+``M<pool>/probe/...``).
 """
 
 from __future__ import annotations

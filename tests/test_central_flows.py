@@ -56,3 +56,11 @@ def test_tiny_run_and_rows(tmp_path):
 def test_bad_config():
     with pytest.raises(ConfigError, match="cf_dt"):
         get("central-flows").make_config({"cf_dt": 2.0})
+
+
+def test_probes_economy_on_gd_changes_no_training_metric(tmp_path):
+    from probes_parity import assert_probes_leave_training_unchanged
+
+    tiny = {"n_train": 20, "width": 6, "steps": 50, "eval_every": 10, "window": 4, "cf_dt": 1.0, "lanczos_tol": 1e-4}
+    _, probed = assert_probes_leave_training_unchanged("central-flows", tiny, tmp_path, "gd/probe/loss")
+    assert probed.dropna(subset=["gd/probe/loss"])["step"].tolist() == [10, 20, 30, 40, 50]

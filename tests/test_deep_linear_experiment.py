@@ -38,3 +38,12 @@ def test_unreached_half_time_is_a_failing_row():
     assert not rows["t_1/2 depth 2, aligned, mode s=2"].passed
     assert rows["t_1/2 depth 2, random init, mode s=2"].passed
     assert not rows["balancedness drift at eta=0.001 (eta * ||C(t)||)"].passed
+
+
+def test_probes_economy_on_every_gd_run_changes_no_measurement(tmp_path):
+    from probes_parity import assert_probes_leave_training_unchanged
+
+    tiny = {"d": 4, "singular_values": "4,2", "depths": "2", "u0": 1e-2, "eta": 0.01, "width": 8, "init_scale": 1e-2,
+            "n_samples": 16, "drift_etas": "0.04,0.02", "drift_time": 0.2}
+    _, probed = assert_probes_leave_training_unchanged("deep-linear", tiny, tmp_path, "probe/loss")
+    assert {"aligned_L2/probe/loss", "random/probe/loss", "drift_eta0.04/probe/loss"} <= set(probed.columns)

@@ -69,3 +69,20 @@ def test_quick_config_reaches_every_threshold(tmp_path):
 def test_bad_config_is_refused(sets, message):
     with pytest.raises((ConfigError, ValueError), match=message):
         get("edge-of-stability").make_config(sets)
+
+
+def test_probes_economy_adds_monitor_columns_per_arm_and_changes_no_training_metric(tmp_path):
+    from probes_parity import assert_probes_leave_training_unchanged
+
+    tiny = {**TINY, "gd_lrs": "0.1", "adam_lr": 0.0}
+    _, probed = assert_probes_leave_training_unchanged("edge-of-stability", tiny, tmp_path, "sharpness/lambda_1")
+    assert {"gd_0.1/probe/loss", "heavy_ball_0.05/probe/loss"} <= set(probed.columns)
+
+
+def test_a_diverged_arm_is_recorded_and_the_others_still_run(tmp_path):
+    summary = run_experiment("edge-of-stability", {**TINY, "gd_lrs": "1e6", "adam_lr": 0.0}, seed=0, out=tmp_path)
+    assert summary["state"] == "done"
+    result = summary["result"]
+    assert result["gd_1e+06.diverged_at"] is not None and result["heavy_ball_0.05.diverged_at"] is None
+    df = load(summary["id"], root=tmp_path, wide=True)
+    assert df["gd_1e+06/loss"].notna().sum() == result["gd_1e+06.diverged_at"]   # steps 0 .. diverged_at - 1

@@ -101,3 +101,21 @@ def test_tiny_in_context_and_task_diversity_runs(tmp_path):
 def test_bad_config(name, sets, message):
     with pytest.raises(ConfigError, match=message):
         get(name).make_config(sets)
+
+
+def test_probes_economy_adds_monitor_columns_and_changes_no_training_metric(tmp_path):
+    from probes_parity import assert_probes_leave_training_unchanged
+
+    tiny = {"d": 2, "pairs": 5, "width": 8, "heads": 2, "layers": 1, "steps": 120, "batch": 16, "eval_prompts": 64,
+            "lsa_steps": 60, "lsa_eval_prompts": 64}
+    _, probed = assert_probes_leave_training_unchanged("in-context", tiny, tmp_path)
+    assert {"probe/loss", "lsa/probe/loss", "lsa/sharpness/lambda_1"} <= set(probed.columns)
+
+
+def test_task_diversity_probes_economy_per_pool_changes_no_training_metric(tmp_path):
+    from probes_parity import assert_probes_leave_training_unchanged
+
+    tiny = {"d": 2, "pairs": 5, "width": 8, "heads": 2, "layers": 1, "steps": 120, "batch": 16, "eval_prompts": 64,
+            "pools": "2,64"}
+    _, probed = assert_probes_leave_training_unchanged("task-diversity", tiny, tmp_path, "probe/loss")
+    assert {"M2/probe/loss", "M64/probe/loss"} <= set(probed.columns)

@@ -62,3 +62,10 @@ def test_quick_config_passes(tmp_path):
 def test_bad_config_is_refused(sets, message):
     with pytest.raises((ConfigError, ValueError), match=message):
         get("lazy-rich").make_config(sets)
+
+
+def test_probes_economy_on_every_network_changes_no_measurement(tmp_path):
+    from probes_parity import assert_probes_leave_training_unchanged
+
+    _, probed = assert_probes_leave_training_unchanged("lazy-rich", TINY, tmp_path, "probe/loss")
+    assert {"ntk/w8/probe/loss", "mup/w32/probe/loss", "alpha4/probe/loss"} <= set(probed.columns)

@@ -177,3 +177,34 @@ def test_the_path_rule_reads_a_recorder_that_followed_every_minibatch(tmp_path):
         return out
 
     assert run_loop(True) == run_loop(False)
+def test_step_fn_on_step_and_probe_prefix(tmp_path):
+    """A hand-written SGD update (step_fn) trains exactly as torch.optim.SGD through the loop; on_step
+    logs after each update; probe_prefix puts the Monitor's columns under the loop's name."""
+    histories = {}
+    for how in ("optimizer", "step_fn"):
+        loop, losses = _linear_loop(probes="economy", steps=12)
+        params = list(loop.model.parameters())
+        loop.optimizer = torch.optim.SGD(params, lr=0.05)
+        if how == "step_fn":
+            inner, loop.optimizer = loop.loss, None
+
+            def step_fn(step, inner=inner, params=params):
+                value = inner(step)
+                grads = torch.autograd.grad(value, params)
+                with torch.no_grad():
+                    for p, g in zip(params, grads):
+                        p.add_(g, alpha=-0.05)
+                return value
+
+            loop.step_fn, loop.loss = step_fn, None
+        loop.on_step = lambda step, loss: {"minibatch_loss": loss} if step % 4 == 0 else None
+        loop.probe_prefix, loop.probe_every = "arm/", 6
+        with RunStore(tmp_path).create("loop-test", {"how": how}, 0) as run:
+            train(run, loop)
+        histories[how] = (losses, RunStore(tmp_path).metrics(run.id, wide=True))
+    assert histories["optimizer"][0] == histories["step_fn"][0]
+    df = histories["step_fn"][1]
+    assert df.dropna(subset=["minibatch_loss"])["step"].tolist() == [0, 4, 8]
+    assert df.dropna(subset=["minibatch_loss"])["minibatch_loss"].tolist() == histories["step_fn"][0][0:9:4]
+    assert df.dropna(subset=["arm/probe/loss"])["step"].tolist() == [6, 12]
+    assert not any(c.startswith("probe/") for c in df.columns)

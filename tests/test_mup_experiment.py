@@ -52,3 +52,11 @@ def test_quick_config_passes(tmp_path):
 def test_bad_config_is_refused(sets, message):
     with pytest.raises((ConfigError, ValueError), match=message):
         get("mup").make_config(sets)
+
+
+def test_probes_economy_on_the_transfer_runs_changes_no_measurement(tmp_path):
+    from probes_parity import assert_probes_leave_training_unchanged
+
+    tiny = {**TINY, "coord_transformer": False}
+    _, probed = assert_probes_leave_training_unchanged("mup", tiny, tmp_path, "probe/loss")
+    assert any(c.startswith("transfer/mup/w") and c.endswith("/probe/loss") for c in probed.columns)

@@ -85,3 +85,11 @@ def test_bad_configs_are_refused():
         get("dpo-noisy").make_config(["noises=0.6"])
     with pytest.raises(ConfigError, match="arms"):
         get("dpo-noisy").make_config(["arms=sgd"])
+
+
+def test_prune_reservoir_probes_economy_per_task_changes_no_measurement(tmp_path):
+    from probes_parity import assert_probes_leave_training_unchanged
+
+    tiny = {"tasks": "mlp-digits", "mlp_width": 16, "mlp_steps": 30, "sparsities": "0.5,0.8"}
+    _, probed = assert_probes_leave_training_unchanged("prune-reservoir", tiny, tmp_path, "probe/loss")
+    assert probed.dropna(subset=["mlp-digits/probe/loss"])["step"].tolist() == [3 * k for k in range(1, 11)]

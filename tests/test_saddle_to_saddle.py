@@ -53,3 +53,12 @@ def test_bad_configs():
         get("saddle-to-saddle").make_config({"p": 7, "magnitudes": "1,0.9,0.8,0.7"})
     with pytest.raises(ConfigError, match="init_scales"):
         get("saddle-to-saddle").make_config({"init_scales": "1e-3"})
+
+
+def test_probes_economy_on_the_modular_part_changes_no_training_metric(tmp_path):
+    from probes_parity import assert_probes_leave_training_unchanged
+
+    tiny = {"d": 4, "singular_values": "2,1", "width": 4, "eta": 0.05, "init_scales": "1e-2,1e-3", "p": 5,
+            "magnitudes": "1,0.5", "mod_width": 8, "mod_steps": 40, "mod_eval_every": 10}
+    _, probed = assert_probes_leave_training_unchanged("saddle-to-saddle", tiny, tmp_path)
+    assert probed.dropna(subset=["probe/loss"])["step"].tolist() == [10, 20, 30, 40]

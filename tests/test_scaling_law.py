@@ -32,3 +32,11 @@ def test_check_requires_positive_lower_bounds():
     assert rows["mnist1d: lower 95% bound of beta (data exponent)"].passed
     result["synthetic.coverage.E"] = 0.6
     assert not {r.quantity: r for r in check(result)}["synthetic: 95% CI covers true E (fraction of 5 data sets)"].passed
+
+
+def test_probes_economy_on_every_grid_point_changes_no_measurement(tmp_path):
+    from probes_parity import assert_probes_leave_training_unchanged
+
+    tiny = {"replicates": 1, "n_boot": 20, "mnist_boot": 20, "widths": "4,8", "data_sizes": "160,320,640"}
+    _, probed = assert_probes_leave_training_unchanged("scaling-law", tiny, tmp_path, "probe/loss")
+    assert probed.dropna(subset=["w8/D640/probe/loss"])["step"].tolist() == [4 * k for k in range(1, 11)]

@@ -97,3 +97,16 @@ def test_binary_task_noise_is_exact():
 def test_full_configuration(store_root, name):
     s = run_experiment(name, out=store_root)
     assert s["state"] == "done", s["message"]
+
+
+@pytest.mark.parametrize("name, sets, column", [
+    ("label-noise", {"steps": 40, "readout_every": 20}, "probe/loss"),
+    ("coupling", {"steps": 40, "readout_every": 20, "lazy_steps": 20}, "lazy/probe/loss"),
+    ("double-descent", {"steps": 40, "widths": "1,2,4"}, "w4/probe/loss"),
+    ("grokking-channel", {"steps": 100, "window": 50, "n_train": 100, "n_query": 50, "width": 16}, "probe/loss"),
+])
+def test_probes_economy_changes_no_recorded_metric(tmp_path, name, sets, column):
+    from probes_parity import assert_probes_leave_training_unchanged
+
+    _, probed = assert_probes_leave_training_unchanged(name, sets, tmp_path, column, quick=True)
+    assert column in probed.columns

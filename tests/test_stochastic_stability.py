@@ -38,3 +38,16 @@ def test_check_rows():
 def test_bad_config(sets, message):
     with pytest.raises(ConfigError, match=message):
         get("stochastic-stability").make_config(sets)
+
+
+def test_probes_economy_per_arm_changes_no_training_metric(tmp_path):
+    from probes_parity import assert_probes_leave_training_unchanged
+
+    _, probed = assert_probes_leave_training_unchanged("stochastic-stability", TINY, tmp_path, "probe/loss")
+    assert {"lr0.2_b8/probe/loss", "lr0.2_b32/probe/loss"} <= set(probed.columns)
+
+
+def test_a_diverged_arm_is_recorded(tmp_path):
+    summary = run_experiment("stochastic-stability", {**TINY, "lrs": "1e6", "batch_sizes": "8"}, seed=0, out=tmp_path)
+    assert summary["state"] == "done"
+    assert summary["result"]["lr1e+06_b8.diverged_at"] is not None

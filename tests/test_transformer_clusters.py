@@ -30,3 +30,11 @@ def test_tiny_run(tmp_path):
                                                 "t_long": 2.0, "dt": 0.5, "eval_sequences": 16}, seed=0, out=tmp_path)
     assert s["state"] == "done", s["message"]
     assert len(s["checks"]) == 2 and len(s["result"]["measured_clusters"]) == 2
+
+
+def test_probes_economy_adds_monitor_columns_and_changes_no_training_metric(tmp_path):
+    from probes_parity import assert_probes_leave_training_unchanged
+
+    tiny = {"p": 7, "width": 8, "heads": 2, "layers": 1, "steps": 60, "t_long": 2.0, "dt": 0.5, "eval_sequences": 16}
+    _, probed = assert_probes_leave_training_unchanged("transformer-clusters", tiny, tmp_path)
+    assert probed.dropna(subset=["probe/loss"])["step"].tolist() == [50]

@@ -45,6 +45,10 @@ Checks (after GD first reaches :math:`2/\eta`, on the measurements every ``eval_
 The tolerances are this module's estimates (the paper reports close agreement on larger nets
 trained longer); a FAIL is a result (docs/results/verify.md). Not among the default laws.
 ``quick``: 600 steps.
+
+GD trains on :class:`lmech.experiments.loop.TrainingLoop` (``probes=economy|full``: a Monitor every
+``eval_every`` steps, columns ``gd/probe/...``); the central flow and gradient flow keep their own
+Euler integrator: they are ODE solutions built from the loss's gradient and sharpness, not training.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ import torch
 
 from lmech.core.threads import blas_threads
 from lmech.experiments.base import CheckRow, Experiment, require
+from lmech.experiments.loop import ProbeLevel, TrainingLoop, never, no_evaluation, train
 from lmech.models import MLP
 from lmech.probes.sharpness import sharpness
 from lmech.tasks import mnist1d
@@ -76,6 +81,7 @@ class CentralFlowsConfig:
     eval_every: int = 10        # GD steps between comparisons
     window: int = 20            # GD steps in the loss smoothing window (centered)
     lanczos_tol: float = 1e-6   # Lanczos tolerance for S and u
+    probes: ProbeLevel = "none"  # instruments on GD: none, or a lmech.Monitor preset (economy, full) every eval_every
 
     def validate(self) -> None:
         require(self.n_train >= 10 and self.width >= 1, "n_train >= 10 and width >= 1")
@@ -132,7 +138,10 @@ def _run(cfg: CentralFlowsConfig, run, seed: int) -> dict:
     gd_w, gd_loss, gd_sharp = {}, [], {}
     opt = torch.optim.SGD(model.parameters(), lr=eta)
     v0 = None
-    for step in range(cfg.steps + 1):
+
+    def record(step: int) -> torch.Tensor:
+        """The full-batch loss at ``step`` (graph attached), with GD's weights and sharpness every eval_every."""
+        nonlocal v0
         loss = mse(model(x), y)
         gd_loss.append(float(loss.detach()))
         if step % cfg.eval_every == 0:
@@ -140,11 +149,12 @@ def _run(cfg: CentralFlowsConfig, run, seed: int) -> dict:
             res = sharpness(model, mse, (x, y), k=1, tol=cfg.lanczos_tol, v0=v0, seed=seed)
             v0 = res.eigenvectors[:, 0]
             gd_sharp[step] = res.top
-        if step == cfg.steps:
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        return loss
+
+    # logged with the flows below, once they exist: the loop evaluates nothing on its own
+    train(run, TrainingLoop(model, opt, cfg.steps, cfg.eval_every, record, no_evaluation, watch="", eval_at=never,
+                            probes=cfg.probes, probe_batch=(x, y), probe_loss=mse, probe_prefix="gd/"))
+    record(cfg.steps)
 
     # central flow and gradient flow: Euler steps of cf_dt GD steps
     flows = {}

@@ -37,6 +37,7 @@ from typing import Literal
 import numpy as np
 import torch
 
+from lmech.experiments.loop import ProbeLevel
 from lmech.experiments.signal_runs import initial_kernel, pearson, record_training
 from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.models import MLP
@@ -64,6 +65,7 @@ class CouplingConfig:
     null_tol: float = 1e-6
     rcond: float = 1e-8
     arms: Literal["both", "rich", "lazy"] = "both"
+    probes: ProbeLevel = "none"  # instruments: none, or a lmech.Monitor preset (economy, full) every readout
 
     def validate(self) -> None:
         require(self.d_in > 0 and self.teacher_width > 0, "d_in and teacher_width must be positive")
@@ -112,7 +114,7 @@ def _rich(cfg, run, seed, x, y, xq, yq, fig) -> dict:
     rr = record_training(model, x, y, xq, yq, optimizer="gd", lr=None, steps=cfg.steps, every=cfg.every,
                          readout_every=cfg.readout_every, run=run, x_test=xq, y_test=yq, step_size=cfg.step_size,
                          adaptive=True, seed=seed, readout_kwargs=dict(null_tol=cfg.null_tol, rcond=cfg.rcond),
-                         on_readout=on_readout)
+                         on_readout=on_readout, probes=cfg.probes)
     rows = rr.rows
     final = rr.readouts[-1][1]
     pred, actual = rr.recorder.predicted_test_displacement(rcond=cfg.rcond)
@@ -149,7 +151,8 @@ def _lazy(cfg, run, seed, x, y, xq, yq, fig) -> dict:
     model = MLP(cfg.d_in, 1, width=cfg.lazy_width, depth=1, activation="tanh").double()
     rr = record_training(model, x, y, xq, yq, optimizer="gd", lr=None, steps=cfg.lazy_steps, every=1,
                          readout_every=cfg.lazy_steps, run=None, step_size=cfg.lazy_step_size, seed=seed,
-                         readout_kwargs=dict(null_tol=cfg.null_tol, rcond=cfg.rcond))
+                         readout_kwargs=dict(null_tol=cfg.null_tol, rcond=cfg.rcond), probes=cfg.probes,
+                         probe_prefix="lazy/", probe_run=run)
     rec, r = rr.recorder, rr.readouts[-1][1]
     n, T = rec.n, rec.path.time
     lam, V = torch.linalg.eigh(rec.K0)

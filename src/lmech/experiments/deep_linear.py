@@ -37,6 +37,10 @@ hidden directions and the half-times of the weakest modes were 45-50% late (widt
 width >= 32: <= 1.2%, three seeds each).
 
 ``quick``: depths 2 and 3, three modes, ``eta`` 2e-3, shorter drift run (same checks).
+
+Every GD run is a :class:`lmech.experiments.loop.TrainingLoop` (``probes=economy|full``: a Monitor
+every ``steps // 10`` steps, columns ``aligned_L<depth>/probe/...``, ``random/probe/...``,
+``drift_eta<eta>/probe/...``).
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ import torch
 from lmech.core.threads import blas_threads
 from lmech.experiments.laws import first_crossing, log_series, loglog_slope, order_row, parse_list
 from lmech.experiments.base import CheckRow, Experiment, require
+from lmech.experiments.loop import ProbeLevel, TrainingLoop, never, no_evaluation, train
 from lmech.models import DeepLinear
 from lmech.theory import deep_linear as dl
 
@@ -68,6 +73,8 @@ class DeepLinearConfig:
     drift_init_scale: float = 0.3
     tolerance: float = 0.05
     log_every: int = 20
+    # instruments: none, or a lmech.Monitor preset (economy, full) on every GD run, every steps // 10
+    probes: ProbeLevel = "none"
 
     def validate(self) -> None:
         s = parse_list(self.singular_values, float, "singular_values")
@@ -109,20 +116,39 @@ def _set_weights(model: DeepLinear, weights: list[np.ndarray]) -> None:
             layer.weight.copy_(torch.tensor(w))
 
 
-def train_modes(model: DeepLinear, x, y, eta: float, steps: int, u_mat, v_mat) -> np.ndarray:
+def half_sse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    r""":math:`\frac12\,\mathrm{mean}_i\lVert f(x_i) - y_i\rVert^2`, the training loss."""
+    return 0.5 * (out - target).pow(2).sum(1).mean()
+
+
+def gd_loop(model: DeepLinear, x, y, eta: float, steps: int, before_step=None, run=None,
+            probes: ProbeLevel = "none", prefix: str = "") -> TrainingLoop:
+    """Full-batch GD on :func:`half_sse` as a :class:`TrainingLoop` (``before_step(step)`` runs
+    before each step's forward; a Monitor every ``steps // 10`` steps under ``prefix``)."""
+    def loss(step: int) -> torch.Tensor:
+        if before_step is not None:
+            before_step(step)
+        return half_sse(model(x), y)
+
+    loop = TrainingLoop(model, torch.optim.SGD(model.parameters(), lr=eta), steps, max(1, steps // 10), loss,
+                        no_evaluation, watch="", eval_at=never, probes=probes, probe_batch=(x, y),
+                        probe_loss=half_sse, probe_prefix=prefix)
+    train(run, loop)
+    return loop
+
+
+def train_modes(model: DeepLinear, x, y, eta: float, steps: int, u_mat, v_mat, run=None,
+                probes: ProbeLevel = "none", prefix: str = "") -> np.ndarray:
     """Full-batch GD; returns the mode strengths diag(U^T W V) after every step (steps+1, r)."""
-    opt = torch.optim.SGD(model.parameters(), lr=eta)
     ut, vt = torch.tensor(u_mat), torch.tensor(v_mat)
     out = np.empty((steps + 1, u_mat.shape[1]))
-    for step in range(steps + 1):
+
+    def record(step: int) -> None:
         with torch.no_grad():
             out[step] = torch.diagonal(ut.T @ model.end_to_end() @ vt).numpy()
-        if step == steps:
-            break
-        loss = 0.5 * (model(x) - y).pow(2).sum(1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+
+    gd_loop(model, x, y, eta, steps, record, run, probes, prefix)
+    record(steps)
     return out
 
 
@@ -146,7 +172,7 @@ def _run(cfg: DeepLinearConfig, run, seed: int) -> dict:
         model = DeepLinear(cfg.d, cfg.d, cfg.width, depth, init_scale=1.0).double()
         rots = [np.linalg.qr(rng.standard_normal((cfg.width, cfg.width)))[0] for _ in range(depth - 1)]
         _set_weights(model, dl.aligned_init(u_mat, v_mat, np.full(r, cfg.u0), depth, cfg.width, rots))
-        modes = train_modes(model, x, y, cfg.eta, steps, u_mat, v_mat)
+        modes = train_modes(model, x, y, cfg.eta, steps, u_mat, v_mat, run, cfg.probes, f"aligned_L{depth}/")
         t = cfg.eta * np.arange(steps + 1)
         theory = np.stack([dl.mode_trajectory(t, float(si), cfg.u0, depth) for si in s], axis=1)
         for m in range(r):
@@ -164,7 +190,7 @@ def _run(cfg: DeepLinearConfig, run, seed: int) -> dict:
     u_eff = [dl.effective_u0(w1, w2, u_mat[:, m], v_mat[:, m]) for m in range(r)]
     predicted = [dl.half_time(float(s[m]), u_eff[m]) for m in range(r)]
     steps = int(np.ceil(1.3 * max(predicted) / cfg.eta))
-    modes = train_modes(model, x, y, cfg.eta, steps, u_mat, v_mat)
+    modes = train_modes(model, x, y, cfg.eta, steps, u_mat, v_mat, run, cfg.probes, "random/")
     t = cfg.eta * np.arange(steps + 1)
     measured = [first_crossing(t, modes[:, m], s[m] / 2) for m in range(r)]
     for m in range(r):
@@ -189,12 +215,8 @@ def _run(cfg: DeepLinearConfig, run, seed: int) -> dict:
     for eta in etas:
         model = DeepLinear(cfg.d, cfg.d, cfg.width, 2).double()
         _set_weights(model, w0)
-        opt = torch.optim.SGD(model.parameters(), lr=eta)
-        for _ in range(int(round(cfg.drift_time / eta))):
-            loss = 0.5 * (model(x) - y).pow(2).sum(1).mean()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        gd_loop(model, x, y, eta, int(round(cfg.drift_time / eta)), run=run, probes=cfg.probes,
+                prefix=f"drift_eta{eta:g}/")
         w_end = [w.detach().numpy() for w in model.weights()]
         drifts.append(float(np.linalg.norm(dl.balancedness(w_end)[0] - d0)))
         result[f"drift.eta{eta:g}.measured"] = drifts[-1]

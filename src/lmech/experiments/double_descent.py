@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmech.experiments.loop import ProbeLevel
 from lmech.experiments.signal_runs import binary_task, record_training
 from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.errors import ConfigError
@@ -45,6 +46,7 @@ class DoubleDescentConfig:
     steps: int = 4000
     every: int = 10
     band: float = 1e-3
+    probes: ProbeLevel = "none"  # instruments: none, or a lmech.Monitor preset (economy, full) at the end
 
     def width_list(self) -> list[int]:
         try:
@@ -74,7 +76,7 @@ def run(cfg: DoubleDescentConfig, run, seed: int) -> dict:
         rr = record_training(model, data.x, data.y, data.x_query, data.y_query, optimizer="gd", lr=None,
                              steps=cfg.steps, every=cfg.every, readout_every=cfg.steps, run=None,
                              y_clean=data.y_clean, x_test=data.x_test, y_test=data.y_test, step_size=cfg.step_size,
-                             seed=seed)
+                             seed=seed, probes=cfg.probes, probe_prefix=f"w{width}/", probe_run=run)
         r = rr.readouts[-1][1]
         row = dict(rr.rows[-1])
         split = r.split

@@ -41,6 +41,11 @@ the threshold and the longer progressive sharpening takes: at width 100, GD with
 and heavy ball at lr 0.15 the width-200 network starts above the threshold. Results:
 docs/results/verify.md. ``quick``: width 100, 1000 steps, GD at lr 0.12, heavy ball at
 lr 0.15.
+
+Each arm is a :class:`lmech.experiments.loop.TrainingLoop` whose update reuses the full-batch loss
+its evaluation computed (one forward per step); ``probes=economy|full`` attaches a Monitor per arm
+(columns ``<arm>/sharpness/...``, ``<arm>/probe/...``). A diverged arm is recorded
+(``<arm>.diverged_at``) and the other arms still run.
 """
 
 from __future__ import annotations
@@ -52,7 +57,8 @@ from typing import Literal
 import torch
 
 from lmech.experiments.base import CheckRow, Experiment, require
-from lmech.errors import ConfigError
+from lmech.errors import ConfigError, DivergedError
+from lmech.experiments.loop import ProbeLevel, TrainingLoop, train
 from lmech.models import MLP
 from lmech.probes.sharpness import sharpness
 from lmech.tasks import digits, mnist1d
@@ -86,6 +92,8 @@ class EdgeOfStabilityConfig:
     beta2: float = 0.999
     last_fraction: float = 0.5
     lanczos_tol: float = 1e-3
+    # instruments: none, or a lmech.Monitor preset (economy, full) per arm every eval_every steps
+    probes: ProbeLevel = "none"
 
     def validate(self) -> None:
         require(self.n_train >= 10, f"n_train must be >= 10, got {self.n_train}")
@@ -168,29 +176,35 @@ def train_arm(arm: Arm, cfg: EdgeOfStabilityConfig, x, y, seed: int, run) -> dic
     torch.manual_seed(seed)
     model = MLP(x.shape[1], y.shape[1], width=cfg.width, depth=cfg.depth, activation=cfg.activation)
     opt = _optimizer(arm, cfg, model.parameters())
-    v0, values, losses = None, [], []
-    diverged_at = None
-    for step in range(cfg.steps + 1):
-        loss = mse(model(x), y)
-        value = float(loss.detach())
-        if not math.isfinite(value):
-            diverged_at = step
-            break
-        run.log(step, **{f"{arm.name}/loss": value})
-        losses.append(value)
+    values, losses = [], []
+    state: dict = {"v0": None, "loss": None, "step": 0}
+
+    def evaluate(step: int) -> dict:
+        # full batch: this loss (graph attached) is the one the step's update differentiates
+        state["step"], state["loss"] = step, mse(model(x), y)
+        value = float(state["loss"].detach())
+        metrics = {f"{arm.name}/loss": value}
         # Adam's preconditioner exists from the first step on: measure from eval_every
-        if step % cfg.eval_every == 0 and (step > 0 or arm.method != "adam"):
+        if math.isfinite(value) and step % cfg.eval_every == 0 and (step > 0 or arm.method != "adam"):
             res = sharpness(model, mse, (x, y), k=1, preconditioner=opt if arm.method == "adam" else None,
-                            tol=cfg.lanczos_tol, v0=v0, seed=seed)
-            v0 = res.eigenvectors[:, 0]
+                            tol=cfg.lanczos_tol, v0=state["v0"], seed=seed)
+            state["v0"] = res.eigenvectors[:, 0]
             lam = res.top / arm.lr if arm.method == "adam" else res.top   # paper units for Adam
             values.append(lam)
-            run.log(step, **{f"{arm.name}/sharpness": lam, f"{arm.name}/threshold": arm.threshold})
-        if step == cfg.steps:
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+            metrics.update({f"{arm.name}/sharpness": lam, f"{arm.name}/threshold": arm.threshold})
+        return metrics
+
+    def on_eval(step: int, metrics: dict) -> None:
+        losses.append(metrics[f"{arm.name}/loss"])
+
+    loop = TrainingLoop(model, opt, cfg.steps, cfg.eval_every, lambda step: state["loss"], evaluate,
+                        watch=f"{arm.name}/loss", on_eval=on_eval, eval_at=lambda step: True,
+                        probes=cfg.probes, probe_batch=(x, y), probe_loss=mse, probe_prefix=f"{arm.name}/")
+    diverged_at = None
+    try:
+        train(run, loop)
+    except DivergedError:
+        diverged_at = state["step"]
     out = {"threshold": arm.threshold, "final_loss": losses[-1] if losses else None,
            "diverged_at": diverged_at, "measurements": len(values)}
     if values:

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from lmech.experiments.loop import ProbeLevel
 from lmech.experiments.signal_runs import record_training, sign_error
 from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.models import MLP
@@ -61,6 +62,7 @@ class GrokkingChannelConfig:
     every: int = 5
     window: int = 100
     transfer_threshold: float = 0.5
+    probes: ProbeLevel = "none"  # instruments: none, or a lmech.Monitor preset (economy, full) every readout
 
     def validate(self) -> None:
         require(1 <= self.k <= self.d, "need 1 <= k <= d")
@@ -102,7 +104,8 @@ def run(cfg: GrokkingChannelConfig, run, seed: int) -> dict:
 
     rr = record_training(model, x, y, xq, yq, optimizer="adamw", lr=cfg.lr, steps=cfg.steps, every=cfg.every,
                          readout_every=cfg.window, run=run, x_test=xt, y_test=yt, weight_decay=cfg.weight_decay,
-                         window=cfg.window, seed=seed, on_readout=on_readout, keep_readouts=False)
+                         window=cfg.window, seed=seed, on_readout=on_readout, keep_readouts=False,
+                         probes=cfg.probes)
     rows = rr.rows
     for r in rows:
         r["test_acc"] = 1 - r["test_error"]

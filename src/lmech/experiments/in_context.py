@@ -32,6 +32,10 @@ it was 2.2%, and a 4,000-prompt run landed 3.4% off while 10^6 prompts of one GD
 Tolerances were set from prototype runs before the recorded runs (docs/results/verify.md says
 which). The task-diversity transition is the separate entry ``task-diversity``
 (:mod:`lmech.experiments.task_diversity`). ``quick``: fewer steps and evaluation prompts.
+
+Both parts train on :class:`lmech.experiments.loop.TrainingLoop` (minibatch loss logged every 50
+steps); ``probes=economy|full`` attaches a Monitor to each, every 50 steps, on 256 prompts of a
+generator of their own (columns ``probe/...`` and ``lsa/probe/...``).
 """
 
 from __future__ import annotations
@@ -40,14 +44,18 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from lmech.experiments.base import CheckRow, Experiment, require
+from lmech.experiments.loop import (ProbeLevel, TrainingLoop, log_minibatch_loss, never, no_evaluation,
+                                    train)
 from lmech.models.in_context import InContextTransformer, LinearSelfAttention
 from lmech.theory import in_context as ic
 
 EXCESS_BOUND = 0.1      # mean over k of (transformer - ridge) error, units of Var(w.x)
 LSA_A_TOLERANCE = 0.05  # relative Frobenius error of A vs eta* I
 LSA_LOSS_TOLERANCE = 0.03
+PROBE_SEED = 20_000     # the Monitor's probe prompts come from a generator of their own
 
 
 @dataclass
@@ -67,6 +75,7 @@ class InContextConfig:
     lsa_batch: int = 512        # its prompts per step
     lsa_lr: float = 1e-2        # its learning rate
     lsa_eval_prompts: int = 50_000  # held-out prompts for its error (Monte Carlo error about 0.6%)
+    probes: ProbeLevel = "none"     # instruments: none, or a lmech.Monitor preset (economy, full) every 50 steps
 
     def validate(self) -> None:
         require(self.d >= 1 and self.pairs > self.d + 1, f"need d >= 1 and pairs > d + 1, got d={self.d}, pairs={self.pairs}")
@@ -83,20 +92,23 @@ def schedule(step: int, steps: int) -> float:
     return min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
 
 
-def train_transformer(cfg, gen: torch.Generator, pool: torch.Tensor | None, run=None, prefix: str = "") -> InContextTransformer:
-    """Train an :class:`InContextTransformer` on prompts (fresh tasks, or drawn from ``pool``)."""
+def train_transformer(cfg, gen: torch.Generator, pool: torch.Tensor | None, run=None, prefix: str = "",
+                      probes: ProbeLevel = "none") -> InContextTransformer:
+    """Train an :class:`InContextTransformer` on prompts (fresh tasks, or drawn from ``pool``);
+    ``probes`` attaches a Monitor (columns ``<prefix>probe/...``) on 256 prompts of its own."""
     model = InContextTransformer(cfg.d, cfg.pairs, cfg.width, cfg.layers, cfg.heads)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, cfg.steps))
-    for step in range(cfg.steps):
+
+    def loss(step: int) -> torch.Tensor:
         x, y, _ = ic.sample_prompts(cfg.batch, cfg.pairs, cfg.d, cfg.noise, gen, pool)
-        loss = ((model(x, y) - y) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if run is not None and (step % 50 == 0 or step == cfg.steps - 1):
-            run.log(step, **{f"{prefix}train_loss": float(loss.detach())})
+        return ((model(x, y) - y) ** 2).mean()
+
+    x, y, _ = ic.sample_prompts(256, cfg.pairs, cfg.d, cfg.noise, torch.Generator().manual_seed(PROBE_SEED), pool)
+    on_step = None if run is None else log_minibatch_loss(f"{prefix}train_loss", 50, cfg.steps)
+    train(run, TrainingLoop(model, opt, cfg.steps, 50, loss, no_evaluation, watch="", eval_at=never,
+                            scheduler=sched, on_step=on_step, probes=probes, probe_batch=((x, y), y),
+                            probe_loss=F.mse_loss, probe_prefix=prefix))
     return model
 
 
@@ -106,26 +118,28 @@ def transformer_errors(model: InContextTransformer, x, y) -> torch.Tensor:
         return ((model(x, y).double() - y.double()) ** 2).mean(0)
 
 
-def train_lsa(cfg: InContextConfig, gen: torch.Generator, run=None) -> LinearSelfAttention:
+def train_lsa(cfg: InContextConfig, gen: torch.Generator, run=None, probes: ProbeLevel = "none") -> LinearSelfAttention:
     model = LinearSelfAttention(cfg.d)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lsa_lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: schedule(s, cfg.lsa_steps))
-    for step in range(cfg.lsa_steps):
+
+    def loss(step: int) -> torch.Tensor:
         x, y, _ = ic.sample_prompts(cfg.lsa_batch, cfg.lsa_n + 1, cfg.d, cfg.noise, gen)
-        loss = ((model(x[:, :-1], y[:, :-1], x[:, -1]) - y[:, -1]) ** 2).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if run is not None and (step % 50 == 0 or step == cfg.lsa_steps - 1):
-            run.log(step, lsa_train_loss=float(loss.detach()))
+        return ((model(x[:, :-1], y[:, :-1], x[:, -1]) - y[:, -1]) ** 2).mean()
+
+    x, y, _ = ic.sample_prompts(256, cfg.lsa_n + 1, cfg.d, cfg.noise, torch.Generator().manual_seed(PROBE_SEED))
+    on_step = None if run is None else log_minibatch_loss("lsa_train_loss", 50, cfg.lsa_steps)
+    train(run, TrainingLoop(model, opt, cfg.lsa_steps, 50, loss, no_evaluation, watch="", eval_at=never,
+                            scheduler=sched, on_step=on_step, probes=probes,
+                            probe_batch=((x[:, :-1], y[:, :-1], x[:, -1]), y[:, -1]), probe_loss=F.mse_loss,
+                            probe_prefix="lsa/"))
     return model
 
 
 def run(cfg: InContextConfig, run, seed: int) -> dict:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    model = train_transformer(cfg, gen, None, run)
+    model = train_transformer(cfg, gen, None, run, probes=cfg.probes)
     eval_gen = torch.Generator().manual_seed(seed + 10_000)
     x, y, _ = ic.sample_prompts(cfg.eval_prompts, cfg.pairs, cfg.d, cfg.noise, eval_gen)
     err = transformer_errors(model, x, y)
@@ -135,7 +149,7 @@ def run(cfg: InContextConfig, run, seed: int) -> dict:
                     "transformer": err.tolist(), "ridge": ridge.tolist(), "least_squares": ls.tolist(),
                     "excess_over_ridge": float((err[1:] - ridge[1:]).mean())}
 
-    lsa = train_lsa(cfg, gen, run)
+    lsa = train_lsa(cfg, gen, run, probes=cfg.probes)
     eta = ic.gd_step_lr(cfg.lsa_n, cfg.d, cfg.noise)
     a = lsa.effective_lr().detach().double()
     xq, yq, _ = ic.sample_prompts(cfg.lsa_eval_prompts, cfg.lsa_n + 1, cfg.d, cfg.noise, eval_gen)

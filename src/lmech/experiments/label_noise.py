@@ -47,6 +47,7 @@ from typing import Literal
 
 import torch
 
+from lmech.experiments.loop import ProbeLevel
 from lmech.experiments.signal_runs import BINARY_TASKS, binary_task, pearson, record_training
 from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.models import MLP
@@ -72,6 +73,7 @@ class LabelNoiseConfig:
     steps: int = 800
     every: int = 5
     readout_every: int = 40
+    probes: ProbeLevel = "none"  # instruments: none, or a lmech.Monitor preset (economy, full) every readout
 
     def validate(self) -> None:
         require(self.task in BINARY_TASKS, f"task must be one of {', '.join(BINARY_TASKS)}")
@@ -119,7 +121,7 @@ def run(cfg: LabelNoiseConfig, run, seed: int) -> dict:
                          readout_every=cfg.readout_every, run=run,
                          y_clean=data.y_clean, x_test=data.x_test, y_test=data.y_test,
                          weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, step_size=cfg.step_size,
-                         seed=seed, on_readout=on_readout)
+                         seed=seed, on_readout=on_readout, probes=cfg.probes)
     rows = rr.rows
     final_step, final = rr.readouts[-1]
     col = lambda k: [r[k] for r in rows]  # noqa: E731

@@ -63,6 +63,10 @@ In this centered setting muP at width :math:`n` is exactly the NTK-parameterized
 output multiplier :math:`\alpha\sqrt{\text{base}/n}` (for one hidden layer; the measured values
 coincide), which is the lazy/rich dichotomy of Chizat et al. and Yang & Hu in one line.
 ``quick`` fits widths 512, 1024, 2048 and alphas 1, 4, 16 with 300 steps.
+
+Every network trains on :class:`lmech.experiments.loop.TrainingLoop` (``probes=economy|full``: a
+Monitor on the probe set every ``train_steps // 10`` steps, columns ``<par>/w<width>/probe/...`` and
+``alpha<alpha>/probe/...``, indexed by training step).
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ import torch
 from torch import nn
 
 from lmech.experiments.base import CheckRow, Experiment, require
+from lmech.experiments.loop import ProbeLevel, TrainingLoop, never, no_evaluation, train
 from lmech.errors import ConfigError
 from lmech.models import MLP
 from lmech.mup import from_factory
@@ -105,6 +110,8 @@ class LazyRichConfig:
     alphas: str = "1,2,4,8,16,32"
     alpha_width: int = 256
     n_probe: int = 64
+    # instruments: none, or a lmech.Monitor preset (economy, full) on every network, every train_steps // 10
+    probes: ProbeLevel = "none"
 
     def validate(self) -> None:
         widths = parse_list(self.widths, int)
@@ -154,8 +161,10 @@ def slope(xs, ys) -> float:
     return float(np.polyfit(np.log(xs), np.log(ys), 1)[0])
 
 
-def train_and_measure(cfg: LazyRichConfig, data, width: int, parameterization: str, alpha: float, seed: int) -> dict:
-    """Train one network; return its laziness measurements (module docstring)."""
+def train_and_measure(cfg: LazyRichConfig, data, width: int, parameterization: str, alpha: float, seed: int,
+                      run=None, prefix: str = "") -> dict:
+    """Train one network; return its laziness measurements (module docstring). With
+    ``cfg.probes`` a Monitor writes into ``run`` under ``prefix``."""
     torch.manual_seed(seed)
 
     def factory(w):
@@ -173,11 +182,15 @@ def train_and_measure(cfg: LazyRichConfig, data, width: int, parameterization: s
     with torch.no_grad():
         h0 = net.features(xp)[-1]
     scale = 1.0 / alpha**2
-    for _ in range(cfg.train_steps):
-        loss = scale * 0.5 * (model(x) - y).pow(2).sum(-1).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+
+    def loss_fn(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return scale * 0.5 * (out - target).pow(2).sum(-1).mean()
+
+    # measured before and after only; a Monitor (probes) every train_steps // 10 steps
+    train(run, TrainingLoop(model, opt, cfg.train_steps, max(1, cfg.train_steps // 10),
+                            lambda step: loss_fn(model(x), y), no_evaluation, watch="", eval_at=never,
+                            probes=cfg.probes, probe_batch=(xp, data.y_train[: cfg.n_probe]), probe_loss=loss_fn,
+                            probe_prefix=prefix))
     with torch.no_grad():
         mse = float(0.5 * (model(x) - y).pow(2).sum(-1).mean())
         h = net.features(xp)[-1]
@@ -202,7 +215,7 @@ def run(cfg: LazyRichConfig, run, seed: int) -> dict:
     result: dict = {"widths": widths}
     sweeps: dict = {}
     for par in ("ntk", "mup"):
-        rows = [train_and_measure(cfg, data, w, par, cfg.alpha, seed) for w in widths]
+        rows = [train_and_measure(cfg, data, w, par, cfg.alpha, seed, run, f"{par}/w{w}/") for w in widths]
         sweeps[par] = rows
         for w, r in zip(widths, rows):
             run.log(w, **{f"width/{par}/{k}": v for k, v in r.items()})
@@ -214,7 +227,7 @@ def run(cfg: LazyRichConfig, run, seed: int) -> dict:
                 result[f"{par}.{q}"] = [r[q] for r in rows]
         result[f"{par}.max_mse"] = max(r["mse"] for r in rows)
     alphas = parse_list(cfg.alphas, float)
-    arows = [train_and_measure(cfg, data, cfg.alpha_width, "ntk", a, seed) for a in alphas]
+    arows = [train_and_measure(cfg, data, cfg.alpha_width, "ntk", a, seed, run, f"alpha{a:g}/") for a in alphas]
     sweeps["alpha"] = arows
     for i, (a, r) in enumerate(zip(alphas, arows)):
         run.log(i, alpha=a, **{f"alpha/{k}": v for k, v in r.items()})

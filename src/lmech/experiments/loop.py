@@ -13,7 +13,10 @@ Schedule (what every entry that uses it shares, bit for bit with the loops it re
         if step == steps: stop
         loss = loss_fn(step)                         # minibatch loss, training mode
         optimizer.zero_grad(set_to_none=True); loss.backward(); optimizer.step()
+        scheduler.step()                             # only with a scheduler (learning-rate schedule)
+                                                     # or: loss = step_fn(step), the entry's own update
         check_finite(loss)
+        run.log(step, **on_step(step, loss))         # optional: e.g. the minibatch loss every k steps
         monitor.step(step + 1, optimizer)            # only with probes != "none"
         stopping.after_step()                        # only with a stopping rule (path recorder)
 
@@ -23,7 +26,15 @@ it computed before the key existed (the key is hash-neutral at ``"none"``:
 preset (:mod:`lmech.monitor`) on the entry's probe batch, every ``probe_every`` steps (default:
 ``eval_every``), writing ``probe/``, ``gradnoise/``, ``weights/``, ``sharpness/``... columns into the
 run. The Monitor restores every random generator after measuring, so the training losses do not
-change either way (tested).
+change either way (tested). Several loops may train into one run (arms, widths): ``probe_prefix``
+puts each loop's probe columns under its own name (``"gd_0.1/"`` + ``"sharpness/lambda_1"``).
+
+Updates other than ``zero_grad; backward; step`` (a closed-form or hand-written update, one that
+is skipped on a non-finite loss) are the entry's ``step_fn``: it makes the whole update of step
+``step`` and returns its loss; the loop keeps the schedule, the divergence check and the Monitor.
+A full-batch loop whose evaluation and update share one forward pass wraps it in
+:class:`OncePerStep`. ``eval_at=never, evaluate=no_evaluation`` trains without logging, for
+entries that measure only before and after (or log in ``on_step``: :func:`log_minibatch_loss`).
 
 Early stopping: ``stopping=None`` (the default) changes nothing. A
 :class:`lmech.stopping.driver.StoppingDriver` is fed at every evaluation after step 0 with the
@@ -88,15 +99,24 @@ class TrainingLoop:
         probe_every: Monitor interval in steps (default ``eval_every``).
         eval_at: ``step -> bool``, which steps are evaluated (after that many updates), for schedules
             other than every ``eval_every`` steps and the last (e.g. geometrically spaced steps).
+        step_fn: ``step -> Tensor | float``: the entry's own update of step ``step`` (in place of
+            ``zero_grad; loss(step).backward(); optimizer.step()``), returning the step's loss;
+            ``loss`` and ``optimizer`` may then be ``None``.
+        on_step: ``(step, loss) -> dict | None``, called after the update of step ``step`` with its
+            loss (a float); a returned dict is logged at ``step`` (e.g. the minibatch loss every
+            ``k`` steps, as logged by the loops this replaced).
+        probe_prefix: prepended to the Monitor's column names (several loops in one run).
+        scheduler: a learning-rate scheduler, stepped after every ``optimizer.step()`` (with a
+            ``step_fn``, stepping it is the entry's business).
         stopped_at: set by :func:`train`: the step training ended at (``steps``, or earlier).
         stopping: a :class:`lmech.stopping.driver.StoppingDriver` (module docstring), or ``None``.
     """
 
     model: nn.Module
-    optimizer: torch.optim.Optimizer
+    optimizer: torch.optim.Optimizer | None
     steps: int
     eval_every: int
-    loss: Callable[[int], Tensor]
+    loss: Callable[[int], Tensor] | None
     evaluate: Callable[[int], dict]
     watch: str
     extras: Callable[[], dict] = _no_extras
@@ -106,6 +126,10 @@ class TrainingLoop:
     probe_loss: Callable[[Tensor, Tensor], Tensor] | None = None
     probe_every: int | None = None
     eval_at: Callable[[int], bool] | None = None
+    step_fn: Callable[[int], Tensor | float] | None = None
+    on_step: Callable[[int, float], dict | None] | None = None
+    probe_prefix: str = ""
+    scheduler: Any = None
     stopped_at: int | None = None
     stopping: Any = None
 
@@ -124,8 +148,76 @@ class TrainingLoop:
             raise ValueError("probes need probe_batch=(inputs, targets) and probe_loss=loss_fn")
         from lmech.monitor import Monitor
 
+        sink = _PrefixedSink(run, self.probe_prefix) if self.probe_prefix else run
         return Monitor(self.model, self.probe_loss, self.probe_batch, probes=self.probes,
-                       every=self.probe_every or self.eval_every, sinks=[run])
+                       every=self.probe_every or self.eval_every, sinks=[sink])
+
+    def update(self, step: int) -> float:
+        """Make the update of step ``step`` (``step_fn``, or the optimizer on ``loss``); its loss."""
+        if self.step_fn is not None:
+            loss = self.step_fn(step)
+            return float(loss.detach()) if isinstance(loss, Tensor) else float(loss)
+        loss = self.loss(step)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if self.scheduler is not None:
+            self.scheduler.step()
+        return float(loss.detach())
+
+
+class _PrefixedSink:
+    """A run seen by a Monitor under a column prefix: ``prefix + name`` for scalars and arrays."""
+
+    def __init__(self, run, prefix: str):
+        from lmech.monitor import RunSink
+
+        self.sink, self.prefix = RunSink(run), prefix
+
+    def write(self, step: int, metrics: dict) -> None:
+        self.sink.write(step, {self.prefix + k: v for k, v in metrics.items()})
+
+    def close(self) -> None:
+        self.sink.close()
+
+
+class OncePerStep:
+    """``fn(step)`` computed once per step and shared: a full-batch loop's evaluation and update
+    use the same forward pass (``evaluate`` reads it first, ``loss`` then gets the same tensors,
+    graph attached), as the loops this replaced did with one forward per step.
+
+    Example:
+        >>> calls = []
+        >>> shared = OncePerStep(lambda step: calls.append(step) or step * 2)
+        >>> shared(3), shared(3), shared(4), calls
+        (6, 6, 8, [3, 4])
+    """
+
+    def __init__(self, fn: Callable[[int], Any]):
+        self.fn, self.step, self.value = fn, None, None
+
+    def __call__(self, step: int) -> Any:
+        if self.step != step:
+            self.step, self.value = step, self.fn(step)
+        return self.value
+
+
+def never(step: int) -> bool:
+    """``eval_at`` of a loop that evaluates nothing while it trains (it measures before and after)."""
+    return False
+
+
+def no_evaluation(step: int) -> dict:
+    """``evaluate`` of a loop that evaluates nothing while it trains (with ``eval_at=never``)."""
+    return {}
+
+
+def log_minibatch_loss(name: str, every: int, steps: int) -> Callable[[int, float], dict | None]:
+    """``on_step`` logging the minibatch loss as ``name`` every ``every`` steps and at the last,
+    ``steps - 1`` (at the step whose loss it is, after its update)."""
+    def on_step(step: int, loss: float) -> dict | None:
+        return {name: loss} if step % every == 0 or step == steps - 1 else None
+    return on_step
 
 
 def train(run, loop: TrainingLoop) -> dict:
@@ -148,12 +240,13 @@ def train(run, loop: TrainingLoop) -> dict:
                     break
             if step == loop.steps:
                 break
-            loss = loop.loss(step)
-            loop.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            loop.optimizer.step()
-            check_finite(float(loss.detach()), step + 1, last_good)
+            loss = loop.update(step)
+            check_finite(loss, step + 1, last_good)
             last_good = step + 1
+            if loop.on_step is not None:
+                logged = loop.on_step(step, loss)
+                if logged:
+                    run.log(step, **logged)
             if monitor is not None:
                 monitor.step(step + 1, optimizer=loop.optimizer)
             if stopping is not None:
@@ -177,4 +270,5 @@ def _stop_signals(stopping, step: int) -> dict:
     return out
 
 
-__all__ = ["PROBE_LEVELS", "ProbeLevel", "TrainingLoop", "train"]
+__all__ = ["PROBE_LEVELS", "OncePerStep", "ProbeLevel", "TrainingLoop", "log_minibatch_loss", "never", "no_evaluation",
+           "train"]

@@ -44,6 +44,11 @@ Checks:
 The thresholds are the issue's (transfer) and the notes' "flat vs growing" made numeric.
 ``quick``: MLP coordinate check at widths 64, 256, 1024 with 2 seeds; transfer at widths 64,
 256, 1024 on 8 learning rates, 100 steps.
+
+The transfer runs train on :class:`lmech.experiments.loop.TrainingLoop` (``probes=economy|full``: a
+Monitor on every run, columns ``transfer/<par>/w<width>/lr2^<k>/s<seed>/probe/...``); the
+coordinate check stays :func:`lmech.mup.coord_check`'s own few steps, a library measurement of
+activation sizes rather than a training run.
 """
 
 from __future__ import annotations
@@ -56,8 +61,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from lmech.errors import ConfigError, DivergedError
 from lmech.experiments.base import CheckRow, Experiment, require
-from lmech.errors import ConfigError
+from lmech.experiments.loop import ProbeLevel, TrainingLoop, never, no_evaluation, train
 from lmech.models import MLP, Transformer
 from lmech.mup import coord_check, from_factory
 from lmech.tasks import mnist1d, modular_arithmetic
@@ -87,6 +93,8 @@ class MupConfig:
     lr_max_log2: int = -3
     mup_zero_init: bool = True      # muP: zero readout (and query), TP-V's recommendation; SP keeps its init
     n_train: int = 4000
+    # instruments on the transfer runs: none, or a lmech.Monitor preset (economy, full) every transfer_steps // 10
+    probes: ProbeLevel = "none"
 
     def validate(self) -> None:
         for key in ("coord_widths", "transfer_widths"):
@@ -160,22 +168,33 @@ def zero_init(cfg: MupConfig, parameterization: str, transformer: bool) -> dict:
     return {"zero_readout": True, "zero_query": True} if transformer else {"zero_readout": True}
 
 
-def train_once(width: int, parameterization: str, cfg: MupConfig, lr: float, data, seed: int) -> float:
-    """Final full-training-set loss of one (width, lr) run; ``nan`` if it diverged."""
+def train_once(width: int, parameterization: str, cfg: MupConfig, lr: float, data, seed: int,
+               run=None, prefix: str = "") -> float:
+    """Final full-training-set loss of one (width, lr) run; ``nan`` if it diverged (a minibatch loss
+    not finite: training stops before that step's update). With ``cfg.probes`` a Monitor writes
+    into ``run`` under ``prefix`` every ``transfer_steps // 10`` steps."""
     torch.manual_seed(seed)
     mp = from_factory(mlp_factory, width, BASE_WIDTH, parameterization, cfg.optimizer,
                       **zero_init(cfg, parameterization, transformer=False))
     model, opt = mp.model, mp.optimizer(lr)
     x, y = data.x_train[: cfg.n_train], data.y_train[: cfg.n_train]
     gen = torch.Generator().manual_seed(seed)
-    for _ in range(cfg.transfer_steps):
+
+    def step_fn(step: int) -> torch.Tensor:
         idx = torch.randint(0, x.shape[0], (cfg.transfer_batch,), generator=gen)
         loss = F.cross_entropy(model(x[idx]), y[idx])
-        if not torch.isfinite(loss):
-            return float("nan")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if torch.isfinite(loss):         # a non-finite loss is not stepped on; the loop stops at it
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return loss
+
+    try:
+        train(run, TrainingLoop(model, opt, cfg.transfer_steps, max(1, cfg.transfer_steps // 10), None,
+                                no_evaluation, watch="", eval_at=never, step_fn=step_fn, probes=cfg.probes,
+                                probe_batch=(x[:256], y[:256]), probe_loss=F.cross_entropy, probe_prefix=prefix))
+    except DivergedError:
+        return float("nan")
     with torch.no_grad():
         return float(F.cross_entropy(model(x), y))
 
@@ -219,8 +238,8 @@ def run(cfg: MupConfig, run, seed: int) -> dict:
     for par in ("sp", "mup"):
         optima, vertices, best = [], [], []
         for w in t_widths:
-            per_seed = [[train_once(w, par, cfg, 2.0 ** k, data, seed + s) for k in log2_lrs]
-                        for s in range(cfg.transfer_seeds)]
+            per_seed = [[train_once(w, par, cfg, 2.0 ** k, data, seed + s, run, f"transfer/{par}/w{w}/lr2^{k}/s{s}/")
+                         for k in log2_lrs] for s in range(cfg.transfer_seeds)]
             losses = np.mean(per_seed, axis=0).tolist()   # a diverged seed makes the mean nan
             transfer[(par, w)] = losses
             run.log_array(w, f"transfer/{par}/loss", losses)

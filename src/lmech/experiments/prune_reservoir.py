@@ -25,7 +25,8 @@ Checks (tolerances fixed before the first full run):
 * the floor, per task: reservoir pruning at 80% beats random pruning (``reservoir - random >= 0``).
 
 The three-seed study with tables and a figure is ``scripts/prune_study.py``; results in
-docs/results/no-validation.md.
+docs/results/no-validation.md. Each task trains on :class:`lmech.experiments.loop.TrainingLoop`
+(``probes=economy|full``: a Monitor every ``steps // 10`` steps, columns ``<task>/probe/...``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import torch
 import torch.nn.functional as F
 
 from lmech.experiments.base import CheckRow, Experiment, require
+from lmech.experiments.loop import ProbeLevel, TrainingLoop, never, no_evaluation, train
 from lmech.errors import ConfigError
 from lmech.models import CNN1D, MLP
 from lmech.prune import PathUsage, magnitude_scores, prune_masks, pruned_copy, random_scores
@@ -60,6 +62,8 @@ class PruneReservoirConfig:
     n_train: int = 4000                          # mnist1d training examples (test: 1000)
     batch_size: int = 100
     weight_decay: float = 0.01
+    # instruments: none, or a lmech.Monitor preset (economy, full) on each task's training, every steps // 10
+    probes: ProbeLevel = "none"
 
     def task_list(self) -> list[str]:
         return [t.strip() for t in str(self.tasks).split(",") if t.strip()]
@@ -87,8 +91,10 @@ def _accuracy(model, x, y) -> float:
         return float((model(x).argmax(-1) == y).double().mean())
 
 
-def train_with_usage(model, x, y, steps: int, lr: float, batch_size: int, weight_decay: float, seed: int):
-    """AdamW on minibatches (a private generator seeded ``seed``), both usage modes recorded.
+def train_with_usage(model, x, y, steps: int, lr: float, batch_size: int, weight_decay: float, seed: int,
+                     run=None, probes: ProbeLevel = "none", prefix: str = ""):
+    """AdamW on minibatches (a private generator seeded ``seed``), both usage modes recorded
+    after every update; ``probes`` attaches a Monitor writing into ``run`` under ``prefix``.
 
     Returns ``(usage_update, usage_gradient, initial_weights)``.
     """
@@ -97,13 +103,18 @@ def train_with_usage(model, x, y, steps: int, lr: float, batch_size: int, weight
     up, gr = PathUsage(model, mode="update"), PathUsage(model, mode="gradient")
     gen = torch.Generator().manual_seed(seed)
     n = x.shape[0]
-    for _ in range(steps):
+
+    def loss(step: int) -> torch.Tensor:
         idx = torch.randint(0, n, (batch_size,), generator=gen)
-        opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
+        return F.cross_entropy(model(x[idx]), y[idx])
+
+    def record_usage(step: int, loss: float) -> None:
         up.step(lr)
         gr.step(lr)
+
+    train(run, TrainingLoop(model, opt, steps, max(1, steps // 10), loss, no_evaluation, watch="", eval_at=never,
+                            on_step=record_usage, probes=probes, probe_batch=(x[:256], y[:256]),
+                            probe_loss=F.cross_entropy, probe_prefix=prefix))
     return up, gr, w0
 
 
@@ -119,8 +130,9 @@ def method_scores(model, up: PathUsage, gr: PathUsage, w0: dict, seed: int) -> d
     }
 
 
-def run_task(task: str, cfg: PruneReservoirConfig, seed: int) -> dict:
-    """Train one task at ``seed``; test accuracy of every method at every sparsity (no fine-tuning)."""
+def run_task(task: str, cfg: PruneReservoirConfig, seed: int, run=None) -> dict:
+    """Train one task at ``seed``; test accuracy of every method at every sparsity (no fine-tuning).
+    With ``cfg.probes``, a Monitor writes into ``run`` under ``<task>/``."""
     torch.manual_seed(seed)
     if task == "mlp-digits":
         data = digits(seed=seed)
@@ -131,7 +143,7 @@ def run_task(task: str, cfg: PruneReservoirConfig, seed: int) -> dict:
         model = CNN1D(in_len=40, n_classes=10, channels=cfg.cnn_channels)
         steps, lr = cfg.cnn_steps, cfg.cnn_lr
     up, gr, w0 = train_with_usage(model, data.x_train, data.y_train, steps, lr, cfg.batch_size,
-                                  cfg.weight_decay, seed)
+                                  cfg.weight_decay, seed, run, cfg.probes, f"{task}/")
     out = {"task": task, "seed": seed, "dense_test_acc": _accuracy(model, data.x_test, data.y_test),
            "dense_train_acc": _accuracy(model, data.x_train, data.y_train), "acc": {}}
     for method, scores in method_scores(model, up, gr, w0, seed).items():
@@ -152,7 +164,7 @@ def run(cfg: PruneReservoirConfig, run, seed: int) -> dict:
     torch.set_num_threads(1)
     result: dict = {"sparsities": cfg.sparsity_list(), "tasks": {}}
     for i, task in enumerate(cfg.task_list()):
-        r = run_task(task, cfg, seed)
+        r = run_task(task, cfg, seed, run)
         result["tasks"][task] = r
         run.log(i, dense_test_acc=r["dense_test_acc"], **{k.replace("@", "_at_"): v for k, v in r["acc"].items()})
         for k in ("n_dead_inputs", "dead_input_usage_max", "dead_input_usage_update_max", "usage_median"):

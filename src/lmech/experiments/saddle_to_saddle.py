@@ -47,6 +47,11 @@ of the smallest init; frequency emergence order (exact); the number of separated
 = number of frequencies (exact).
 
 ``quick``: two small init scales, p = 9 with four frequencies, fewer steps.
+
+Part 2 trains on :class:`lmech.experiments.loop.TrainingLoop` (``probes=economy|full``: a Monitor
+every ``mod_eval_every`` steps on all :math:`p^2` pairs); part 1 keeps its own NumPy loop: it is the
+closed-form gradient of the population loss (:func:`lmech.theory.deep_linear.layer_gradients`),
+iterated, not a network trained on data.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ import torch
 from lmech.core.threads import blas_threads
 from lmech.experiments.laws import first_crossing, log_series, order_row, parse_list
 from lmech.experiments.base import CheckRow, Experiment, require
+from lmech.experiments.loop import OncePerStep, ProbeLevel, TrainingLoop, train
 from lmech.models import MLP
 from lmech.theory import deep_linear as dl
 
@@ -81,6 +87,8 @@ class SaddleToSaddleConfig:
     mod_steps: int = 16000
     mod_eval_every: int = 25
     tolerance: float = 0.05
+    # instruments on part 2: none, or a lmech.Monitor preset (economy, full) every mod_eval_every steps
+    probes: ProbeLevel = "none"
 
     def validate(self) -> None:
         s = parse_list(self.singular_values, float, "singular_values")
@@ -228,20 +236,26 @@ def _run(cfg: SaddleToSaddleConfig, run, seed: int) -> dict:
                 init_scale=cfg.mod_init_scale, bias=False).double()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.mod_lr)
     steps, losses, fracs = [], [], []
-    for step in range(cfg.mod_steps + 1):
+
+    def half_sse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return 0.5 * (out - target).pow(2).sum(1).mean()
+
+    def outputs_and_loss(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         out = model(x)
-        loss = 0.5 * (out - y).pow(2).sum(1).mean()
-        if step % cfg.mod_eval_every == 0 or step == cfg.mod_steps:
-            frac = learned_fractions(out.detach(), y_hat, len(mags))
-            steps.append(step)
-            losses.append(loss.item())
-            fracs.append(frac)
-            run.log(step, **{"modular/loss": losses[-1]}, **{f"modular/freq{k + 1}": float(f) for k, f in enumerate(frac)})
-        if step == cfg.mod_steps:
-            break
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        return out, half_sse(out, y)
+
+    forward = OncePerStep(outputs_and_loss)   # full batch: one forward for the evaluation and the update
+
+    def evaluate(step: int) -> dict:
+        out, loss = forward(step)
+        frac = learned_fractions(out.detach(), y_hat, len(mags))
+        steps.append(step)
+        losses.append(loss.item())
+        fracs.append(frac)
+        return {"modular/loss": losses[-1], **{f"modular/freq{k + 1}": float(f) for k, f in enumerate(frac)}}
+
+    train(run, TrainingLoop(model, opt, cfg.mod_steps, cfg.mod_eval_every, lambda step: forward(step)[1], evaluate,
+                            watch="modular/loss", probes=cfg.probes, probe_batch=(x, y), probe_loss=half_sse))
     steps, fracs = np.array(steps), np.array(fracs)
     order_by_magnitude = [int(k) + 1 for k in np.argsort(-np.array(mags))]
     windows = [tuple(first_crossing(steps, fracs[:, k], f) for f in (0.1, 0.5, 0.9)) for k in range(len(mags))]

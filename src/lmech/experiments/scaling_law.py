@@ -35,6 +35,9 @@ from its floor), which is why the intervals of :math:`E` are wide.
 
 ``quick``: 4 replicates with 100 resamples; a 3 x 3 grid (widths 16, 64, 256; 1k, 4k, 16k
 examples) with 200 resamples.
+
+Each grid point trains on :class:`lmech.experiments.loop.TrainingLoop` (``probes=economy|full``: a
+Monitor every ``steps // 10`` steps, columns ``w<width>/D<n>/probe/...``).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ import torch.nn.functional as F
 from lmech.core.threads import blas_threads
 from lmech.experiments.laws import parse_list
 from lmech.experiments.base import CheckRow, Experiment, require
+from lmech.experiments.loop import ProbeLevel, TrainingLoop, never, no_evaluation, train
 from lmech.models import MLP
 from lmech.tasks import mnist1d
 from lmech.theory import scaling as sc
@@ -68,6 +72,8 @@ class ScalingLawConfig:
     batch_size: int = 16
     mnist_boot: int = 1000
     rms_tolerance: float = 0.10
+    # instruments on the MNIST-1D grid: none, or a lmech.Monitor preset (economy, full) per point, every steps // 10
+    probes: ProbeLevel = "none"
 
     def validate(self) -> None:
         widths = parse_list(self.widths, int, "widths")
@@ -87,8 +93,11 @@ def synthetic_grid(noise: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.
     return n.ravel(), d.ravel(), loss.ravel()
 
 
-def train_point(width: int, n_data: int, x, y, x_test, y_test, lr: float, batch: int, seed: int) -> tuple[int, float]:
-    """One pass over ``n_data`` examples with a cosine schedule; returns (parameter count, test loss)."""
+def train_point(width: int, n_data: int, x, y, x_test, y_test, lr: float, batch: int, seed: int,
+                run=None, probes: ProbeLevel = "none") -> tuple[int, float]:
+    """One pass over ``n_data`` examples with a cosine schedule; returns (parameter count, test loss).
+    ``probes`` attaches a Monitor (every ``steps // 10`` steps) writing into ``run`` under
+    ``w<width>/D<n_data>/``."""
     torch.manual_seed(seed)
     model = MLP(x.shape[1], 10, width=width, depth=2)
     n_params = sum(p.numel() for p in model.parameters())
@@ -96,13 +105,14 @@ def train_point(width: int, n_data: int, x, y, x_test, y_test, lr: float, batch:
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1.0 + np.cos(np.pi * s / steps)))
     order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n_data]
-    for s in range(steps):
-        idx = order[s * batch:(s + 1) * batch]
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
+
+    def loss(step: int) -> torch.Tensor:
+        idx = order[step * batch:(step + 1) * batch]
+        return F.cross_entropy(model(x[idx]), y[idx])
+
+    train(run, TrainingLoop(model, opt, steps, max(1, steps // 10), loss, no_evaluation, watch="", eval_at=never,
+                            scheduler=sched, probes=probes, probe_batch=(x[:256], y[:256]),
+                            probe_loss=F.cross_entropy, probe_prefix=f"w{width}/D{n_data}/"))
     with torch.no_grad():
         return n_params, float(F.cross_entropy(model(x_test), y_test))
 
@@ -138,7 +148,7 @@ def _run(cfg: ScalingLawConfig, run, seed: int) -> dict:
     for width in widths:
         for n_data in sizes:
             n_params, loss = train_point(width, n_data, data.x_train, data.y_train, data.x_test, data.y_test,
-                                         cfg.lr, cfg.batch_size, seed)
+                                         cfg.lr, cfg.batch_size, seed, run, cfg.probes)
             points.append((width, n_params, n_data, loss))
             run.log(len(points), **{"mnist1d/width": width, "mnist1d/N": n_params, "mnist1d/D": n_data,
                                     "mnist1d/test_loss": loss})

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from lmech.experiments.loop import ProbeLevel, TrainingLoop, never, no_evaluation, train
 from lmech.probes.gramian import GramianReadout, PathRecorder, half_mse
-from lmech.train import check_finite
 
 BINARY_TASKS = ("digits", "mnist1d", "teacher")
 
@@ -153,7 +153,8 @@ def record_training(model: nn.Module, x: Tensor, y: Tensor, x_query: Tensor, y_q
                     step_size: float = 0.3, adaptive: bool = False, window: int | None = None,
                     seed: int = 0, readout_kwargs: dict | None = None,
                     on_readout: Callable[[int, PathRecorder, GramianReadout, dict], None] | None = None,
-                    keep_readouts: bool = True) -> RecordedRun:
+                    keep_readouts: bool = True, probes: ProbeLevel = "none", probe_prefix: str = "",
+                    probe_run=None) -> RecordedRun:
     r"""Train ``model`` on ``(x, y)`` with :func:`half_mse` and a :class:`PathRecorder` attached.
 
     ``optimizer``: ``gd``/``sgd`` (plain SGD), ``adam``, ``adamw`` or ``poprisk``; full batch unless
@@ -165,6 +166,10 @@ def record_training(model: nn.Module, x: Tensor, y: Tensor, x_query: Tensor, y_q
     ``run.log`` at every record; at each readout so do the readout's scalars and the train / test
     losses and errors (and the :math:`W_S` spectrum to ``run.log_array``), and
     ``on_readout(step, recorder, readout, row)`` may add to the row before it is logged.
+
+    The loop is a :class:`lmech.experiments.loop.TrainingLoop` (the recorder and the readouts in
+    its ``on_step``); ``probes`` attaches a Monitor every ``readout_every`` steps on the first 256
+    training examples, writing ``<probe_prefix>probe/...`` columns into ``probe_run`` (default ``run``).
     """
     n = x.shape[0]
     full_batch = batch_size <= 0 or batch_size >= n
@@ -182,54 +187,60 @@ def record_training(model: nn.Module, x: Tensor, y: Tensor, x_query: Tensor, y_q
     rec = PathRecorder(model, x, y, x_query, y_query, y_clean=y_clean, window=window, optimizer=opt)
     rec.start()
     gen = torch.Generator().manual_seed(seed)
-    perm, cursor = torch.randperm(n, generator=gen), 0
+    state = {"perm": torch.randperm(n, generator=gen), "cursor": 0, "idx": None, "lr": lr, "scalars": {}}
     readouts, rows = [], []
     kw = readout_kwargs or {}
-    last_good = 0
-    for step in range(1, steps + 1):
+
+    def loss(k: int) -> Tensor:
         if full_batch:
-            idx = None
-            loss = half_mse(model(x), y)
-        else:
-            if cursor + batch_size > n:
-                perm, cursor = torch.randperm(n, generator=gen), 0
-            idx = perm[cursor:cursor + batch_size]
-            cursor += batch_size
-            loss = half_mse(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        check_finite(float(loss.detach()), step, last_good)
-        last_good = step
+            state["idx"] = None
+            return half_mse(model(x), y)
+        if state["cursor"] + batch_size > n:
+            state["perm"], state["cursor"] = torch.randperm(n, generator=gen), 0
+        idx = state["idx"] = state["perm"][state["cursor"]:state["cursor"] + batch_size]
+        state["cursor"] += batch_size
+        return half_mse(model(x[idx]), y[idx])
+
+    def after_update(k: int, loss_value: float) -> None:
+        step = k + 1                          # the recorder counts updates: step 1 is after the first
         if step % every == 0:
-            scalars = rec.step(lr, steps=every, batch=idx)
+            state["scalars"] = rec.step(state["lr"], steps=every, batch=state["idx"])
             if run is not None and step % readout_every:
-                run.log(step, **{k: v for k, v in scalars.items() if math.isfinite(v)})
+                run.log(step, **{name: v for name, v in state["scalars"].items() if math.isfinite(v)})
             if adaptive and not adaptive_opt:
-                lr = gd_step_size(rec.kernel(), step_size)
+                state["lr"] = gd_step_size(rec.kernel(), step_size)
                 for group in opt.param_groups:
-                    group["lr"] = lr
+                    group["lr"] = state["lr"]
         if step % readout_every == 0:
-            r = rec.readout(**kw)
-            row = {"lr": lr, **scalars, **r.scalars()}
-            with torch.no_grad():
-                model.eval()
-                out_S = model(x)
-                row["train_error"] = sign_error(out_S, y) if y.shape[1] == 1 else float("nan")
-                if x_test is not None:
-                    out_T = model(x_test)
-                    row["test_loss"] = float(half_mse(out_T, y_test))
-                    row["test_error"] = sign_error(out_T, y_test) if y_test.shape[1] == 1 else float("nan")
-                model.train()
-            if on_readout is not None:
-                on_readout(step, rec, r, row)
-            row = {k: float(v) for k, v in row.items()}
-            rows.append({"step": step, **row})
-            if run is not None:
-                run.log(step, **{k: v for k, v in row.items() if math.isfinite(v)})
-                run.log_array(step, "W_spectrum", r.eigenvalues)
-            if keep_readouts:
-                readouts.append((step, r))
+            _readout(step)
+
+    def _readout(step: int) -> None:
+        r = rec.readout(**kw)
+        row = {"lr": state["lr"], **state["scalars"], **r.scalars()}
+        with torch.no_grad():
+            model.eval()
+            out_S = model(x)
+            row["train_error"] = sign_error(out_S, y) if y.shape[1] == 1 else float("nan")
+            if x_test is not None:
+                out_T = model(x_test)
+                row["test_loss"] = float(half_mse(out_T, y_test))
+                row["test_error"] = sign_error(out_T, y_test) if y_test.shape[1] == 1 else float("nan")
+            model.train()
+        if on_readout is not None:
+            on_readout(step, rec, r, row)
+        row = {k: float(v) for k, v in row.items()}
+        rows.append({"step": step, **row})
+        if run is not None:
+            run.log(step, **{name: v for name, v in row.items() if math.isfinite(v)})
+            run.log_array(step, "W_spectrum", r.eigenvalues)
+        if keep_readouts:
+            readouts.append((step, r))
+
+    loop = TrainingLoop(model, opt, steps, readout_every, loss, no_evaluation, watch="", eval_at=never,
+                        on_step=after_update, probes=probes, probe_batch=(x[:256], y[:256]), probe_loss=half_mse,
+                        probe_prefix=probe_prefix)
+    train(run if probe_run is None else probe_run, loop)
+    lr = state["lr"]
     return RecordedRun(rec, readouts, rows, float(lr))
 
 

@@ -32,6 +32,11 @@ sharpness ended at 9.2-10.8 against 10, the full-batch sharpness at 9.2; at lr 0
 10.2-10.9 and 10.4; at lr 0.1 batch 8 batch sharpness had only reached 13.5 of 20 by step 3,000
 (small learning rates sharpen slowly), so the defaults use lr 0.2 and 0.3. Results:
 docs/results/verify.md. ``quick``: lr 0.2 only, 2,000 steps.
+
+Each arm trains on :class:`lmech.experiments.loop.TrainingLoop` (``probes=economy|full``: a Monitor
+per arm every ``eval_every`` steps, columns ``<arm>/probe/...``). An arm is diverged at the first
+step whose loss was not finite: the full-batch loss at a measurement, or the minibatch loss of a
+step (before the loop, only the next measurement noticed it).
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ import torch
 
 from lmech.core.threads import blas_threads
 from lmech.experiments._laws import parse_list
+from lmech.errors import DivergedError
 from lmech.experiments.base import CheckRow, Experiment, require
+from lmech.experiments.loop import ProbeLevel, TrainingLoop, train
 from lmech.models import MLP
 from lmech.probes.batch_sharpness import batch_sharpness
 from lmech.probes.sharpness import sharpness
@@ -65,6 +72,7 @@ class StochasticStabilityConfig:
     num_batches: int = 32        # minibatches averaged per batch-sharpness measurement
     last_fraction: float = 0.5   # share of the measurements (the last ones) that the checks average
     lanczos_tol: float = 1e-3    # Lanczos tolerance for the full-batch sharpness
+    probes: ProbeLevel = "none"  # instruments: none, or a Monitor preset (economy, full) per arm every eval_every
 
     def validate(self) -> None:
         require(self.n_train >= 16, f"n_train must be >= 16, got {self.n_train}")
@@ -101,32 +109,41 @@ def train_arm(lr: float, b: int, cfg: StochasticStabilityConfig, x, y, seed: int
     gen = torch.Generator().manual_seed(seed + 1)
     n = x.shape[0]
     perm, pos = torch.randperm(n, generator=gen), 0
-    bs_values, lam_values, v0, diverged = [], [], None, None
-    for step in range(cfg.steps + 1):
-        if step % cfg.eval_every == 0:
-            with torch.no_grad():
-                full = float(mse(model(x), y))
-            if not math.isfinite(full):
-                diverged = step
-                break
-            bs = batch_sharpness(model, mse, (x, y), b, cfg.num_batches, seed=seed + step)
-            lam = sharpness(model, mse, (x, y), k=1, tol=cfg.lanczos_tol, v0=v0, seed=seed)
-            v0 = lam.eigenvectors[:, 0]
-            bs_values.append(bs.value)
-            lam_values.append(lam.top)
-            run.log(step, **{f"{name}/loss": full, f"{name}/batch_sharpness": bs.value,
-                             f"{name}/batch_sharpness_stderr": bs.stderr, f"{name}/sharpness": lam.top,
-                             f"{name}/threshold": 2.0 / lr})
-        if step == cfg.steps:
-            break
+    bs_values, lam_values, v0 = [], [], None
+    last = {"step": 0}
+
+    def evaluate(step: int) -> dict:
+        nonlocal v0
+        last["step"] = step
+        with torch.no_grad():
+            full = float(mse(model(x), y))
+        if not math.isfinite(full):
+            return {f"{name}/loss": full}          # the loop stops: diverged
+        bs = batch_sharpness(model, mse, (x, y), b, cfg.num_batches, seed=seed + step)
+        lam = sharpness(model, mse, (x, y), k=1, tol=cfg.lanczos_tol, v0=v0, seed=seed)
+        v0 = lam.eigenvectors[:, 0]
+        bs_values.append(bs.value)
+        lam_values.append(lam.top)
+        return {f"{name}/loss": full, f"{name}/batch_sharpness": bs.value,
+                f"{name}/batch_sharpness_stderr": bs.stderr, f"{name}/sharpness": lam.top,
+                f"{name}/threshold": 2.0 / lr}
+
+    def loss(step: int) -> torch.Tensor:
+        nonlocal perm, pos
+        last["step"] = step                           # a non-finite minibatch loss stops the loop here
         if pos + b > n:
             perm, pos = torch.randperm(n, generator=gen), 0
         idx = perm[pos:pos + b]
         pos += b
-        loss = mse(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        return mse(model(x[idx]), y[idx])
+
+    diverged = None
+    try:
+        train(run, TrainingLoop(model, opt, cfg.steps, cfg.eval_every, loss, evaluate, watch=f"{name}/loss",
+                                eval_at=lambda step: step % cfg.eval_every == 0, probes=cfg.probes,
+                                probe_batch=(x, y), probe_loss=mse, probe_prefix=f"{name}/"))
+    except DivergedError:
+        diverged = last["step"]
     out = {"threshold": 2.0 / lr, "diverged_at": diverged, "measurements": len(bs_values)}
     if bs_values:
         out["batch_sharpness"] = _window_mean(bs_values, cfg.last_fraction)

@@ -18,6 +18,10 @@ Checks, with :math:`D_{\rm dMMSE}` and :math:`D_{\rm ridge}` the mean absolute d
 
 This entry tests a claim about training on CPU budgets far below the paper's (it is not among the
 default laws); a failing row is a result (docs/results/verify.md). ``quick``: fewer steps.
+
+Every pool's transformer trains on in-context's :func:`~lmech.experiments.in_context.train_transformer`
+(the catalog's training loop; ``probes=economy|full``: a Monitor every 50 steps, columns
+``M<pool>/probe/...``).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 from lmech.experiments._laws import parse_list
 from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.experiments.in_context import train_transformer, transformer_errors
+from lmech.experiments.loop import ProbeLevel
 from lmech.theory import in_context as ic
 
 
@@ -45,6 +50,7 @@ class TaskDiversityConfig:
     batch: int = 256            # prompts per step
     lr: float = 3e-3            # Adam peak learning rate (100 warm-up steps, cosine decay)
     eval_prompts: int = 4000    # fresh-task prompts for the evaluation
+    probes: ProbeLevel = "none"  # instruments: none, or a lmech.Monitor preset (economy, full) every 50 steps
 
     def validate(self) -> None:
         pools = parse_list(self.pools, int, "pools")
@@ -65,7 +71,7 @@ def run(cfg: TaskDiversityConfig, run, seed: int) -> dict:
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed + m)
         pool = ic.sample_tasks(m, cfg.d, gen)
-        model = train_transformer(cfg, gen, pool, run, prefix=f"M{m}/")
+        model = train_transformer(cfg, gen, pool, run, prefix=f"M{m}/", probes=cfg.probes)
         err = transformer_errors(model, x, y)
         dmmse = ic.dmmse_errors(x, y, pool, cfg.noise).mean(0)
         d_dmmse = float((err[1:] - dmmse[1:]).abs().mean())

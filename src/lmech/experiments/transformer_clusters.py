@@ -4,7 +4,9 @@ for its own value matrices? (issue 16, item 2; Geshkovski et al. 2023; :mod:`lme
 Model and training (small and short): the grokking entry's decoder-only transformer
 (:class:`lmech.models.Transformer`, pre-LN, causal, ``width``, ``heads`` heads, ``layers``
 blocks) on :math:`a + b \bmod p` (``p``, ``train_fraction`` of the equations), AdamW (lr 1e-3,
-weight decay 1, betas 0.9/0.98, batch 256) for ``steps`` steps.
+weight decay 1, betas 0.9/0.98, batch 256) for ``steps`` steps, on
+:class:`lmech.experiments.loop.TrainingLoop` (``probes=economy|full``: a Monitor every 50 steps on
+256 training equations).
 
 Measured, on the held-out equations: the residual stream after the embedding and after every
 block (:meth:`Transformer.features`), and per sequence the number of clusters among its 4
@@ -37,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from lmech.experiments.base import CheckRow, Experiment, require
+from lmech.experiments.loop import ProbeLevel, TrainingLoop, log_minibatch_loss, never, no_evaluation, train
 from lmech.models import Transformer
 from lmech.tasks import modular_arithmetic
 
@@ -55,6 +58,7 @@ class TransformerClustersConfig:
     t_long: float = 50.0         # long-time horizon of the particle model
     dt: float = 0.05             # its RK4 step
     eval_sequences: int = 256    # held-out sequences measured
+    probes: ProbeLevel = "none"  # instruments: none, or a lmech.Monitor preset (economy, full) every 50 steps
 
     def validate(self) -> None:
         require(self.p >= 5 and all(self.p % q for q in range(2, int(self.p ** 0.5) + 1)), "p must be a prime >= 5")
@@ -111,14 +115,14 @@ def run(cfg: TransformerClustersConfig, run, seed: int) -> dict:
                         d_model=cfg.width, n_heads=cfg.heads, n_layers=cfg.layers, d_mlp=4 * cfg.width)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1.0, betas=(0.9, 0.98))
     gen = torch.Generator().manual_seed(seed)
-    for step in range(cfg.steps):
+
+    def loss(step: int) -> torch.Tensor:
         idx = torch.randint(0, data.n_train, (min(256, data.n_train),), generator=gen)
-        loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == cfg.steps - 1:
-            run.log(step, train_loss=float(loss.detach()))
+        return F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+
+    train(run, TrainingLoop(model, opt, cfg.steps, 50, loss, no_evaluation, watch="", eval_at=never,
+                            on_step=log_minibatch_loss("train_loss", 50, cfg.steps), probes=cfg.probes,
+                            probe_batch=(data.x_train[:256], data.y_train[:256]), probe_loss=F.cross_entropy))
     model.eval()
     with torch.no_grad():
         test_acc = float((model(data.x_test).argmax(-1) == data.y_test).float().mean())

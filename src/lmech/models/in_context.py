@@ -39,9 +39,10 @@ class InContextTransformer(nn.Module):
 
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
         b, k, d = x.shape
-        tokens = torch.zeros(b, 2 * k, d + 1, dtype=x.dtype, device=x.device)
-        tokens[:, 0::2, :d] = x
-        tokens[:, 1::2, d] = y
+        # tokens x_1, y_1, x_2, ...: (x_i, 0) and (0, y_i), interleaved out of place (vmap-able)
+        x_tokens = torch.cat([x, x.new_zeros(b, k, 1)], -1)
+        y_tokens = torch.cat([y.new_zeros(b, k, d), y.unsqueeze(-1)], -1)
+        tokens = torch.stack([x_tokens, y_tokens], 2).reshape(b, 2 * k, d + 1)
         h = self.read_in(tokens) + self.pos[: 2 * k]
         for block in self.blocks:
             h = block(h)

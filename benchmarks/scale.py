@@ -443,7 +443,20 @@ def main(argv=None):
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
     torch.set_num_threads(1)
-    warnings.filterwarnings("ignore")
+    import scipy.linalg  # noqa: F401  (loads SciPy's BLAS, so that the limit below sees it)
+
+    from lmech.core.threads import blas_threads
+
+    limiter = blas_threads(1)  # NumPy's and SciPy's BLAS on one thread too, for every arm
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return _run(args)
+    finally:
+        limiter.restore_original_limits()
+
+
+def _run(args):
     t_start = time.perf_counter()
 
     def log(msg):

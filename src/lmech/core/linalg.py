@@ -220,6 +220,7 @@ def lanczos(
     theta = resid = S = sel = None
     converged = False
     scale = 0.0
+    scratch = None  # dgks: buffers for alpha q_j and w - alpha q_j
     for j in range(m_max):
         w = matvec(Q[j]).reshape(-1).to(dtype)
         if w.numel() != dim:
@@ -240,7 +241,13 @@ def lanczos(
             # three-term recurrence (out of place: w may alias Q[j]), then one full pass, and
             # a second where the first removed a large part (DGKS, eta = 1/sqrt 2)
             alpha = float(torch.dot(Q[j], w))
-            w = w - alpha * Q[j]
+            # w - alpha q_j into reused buffers: the same two roundings as the out-of-place
+            # expression, matvec's output left untouched, and no fresh dim-long allocation per
+            # step (at millions of entries each is a page-faulting mmap, slower than a pass)
+            if scratch is None:
+                scratch = (torch.empty_like(w), torch.empty_like(w))
+            torch.mul(Q[j], alpha, out=scratch[0])
+            w = torch.sub(w, scratch[0], out=scratch[1])
             if j > 0 and betas[-1] != 0.0:
                 w.sub_(Q[j - 1], alpha=betas[-1])
             before = float(torch.linalg.vector_norm(w))

@@ -1,9 +1,9 @@
 """NumPy/SciPy BLAS threads held to torch's thread count.
 
 Small LAPACK/BLAS calls on a multi-threaded OpenBLAS are slow and leave spinning threads behind:
-scipy's L-BFGS-B on a busy 2-core machine took 113 ms per solve instead of 2.6 ms, and in the
-Monitor the pool that NumPy's eigensolver started kept a second core busy while training went on
-(process CPU time 22-24% above the plain run's, wall time 12-15%). :func:`blas_threads` limits
+scipy's L-BFGS-B on a busy 2-core machine was many times slower per solve, and in the Monitor
+the pool that NumPy's eigensolver started kept a second core busy while training went on
+(figures in docs/results/probes.md, "BLAS threads" and "Figures that were in docstrings"). :func:`blas_threads` limits
 BLAS to ``torch.get_num_threads()`` threads (or ``limit``) for the duration of a ``with`` block,
 through ``threadpoolctl``.
 """
@@ -23,10 +23,10 @@ _modules_seen = -1
 def blas_threads(limit: int | None = None):
     """Context limiting NumPy/SciPy BLAS to ``limit`` threads (default ``torch.get_num_threads()``).
 
-    ``threadpoolctl`` finds the BLAS libraries by scanning the loaded shared objects (about
-    0.7 ms); the scan is kept and redone only when modules were imported since (a new import is
-    how a new BLAS library, e.g. SciPy's own, gets loaded), so entering the limit costs about
-    10 us: cheap enough for every Monitor measurement.
+    ``threadpoolctl`` finds the BLAS libraries by scanning the loaded shared objects (the costly
+    part); the scan is kept and redone only when modules were imported since (a new import is
+    how a new BLAS library, e.g. SciPy's own, gets loaded), so entering the limit is cheap
+    enough for every Monitor measurement.
 
     Example:
         >>> import numpy as np

@@ -28,8 +28,8 @@ GPU). During a measurement NumPy's BLAS (the small LAPACK solves
 inside Lanczos) runs on at most ``torch.get_num_threads()`` threads (``threadpoolctl``): a run
 limited to one thread stays on one core (:func:`lmech.core.threads.blas_threads`). Without the
 limit OpenBLAS started a thread pool on the first eigensolve of size 60 or more, whose threads then
-spun on the second core while training went on (``benchmarks/monitor_overhead.py``: process CPU
-time 22-24% above the plain run's, wall time 12-15% above).
+spun on the second core while training went on (``benchmarks/monitor_overhead.py``; figures in
+docs/results/probes.md, "BLAS threads").
 
 Presets (``probes=``):
 
@@ -49,20 +49,15 @@ Presets (``probes=``):
     ``create_graph`` plus at most 4 HVPs (Lanczos to a certified relative residual of 5e-2),
     warm-started from the previous measurement's eigenvector (the first from the gradient), so
     the iteration continues across measurements; ``sharpness/rel_error`` is the certified bound
-    reached (some eigenvalue lies within it). Measured on the benchmark's MLP over 3,000 AdamW
-    steps against a converged Lanczos (``benchmarks/economy_sharpness_accuracy.py``): 2.9 HVPs
-    per measurement, median actual error 1.5e-3 (3.8 HVPs and 1.5e-4 at a residual of 2e-2).
-    When the top eigenvector turns almost orthogonal to the previous one between measurements
-    (once, early in that run), the warm-started iteration returns the next eigenvalue instead
-    (15% low there, at every tolerance tried).
+    reached (some eigenvalue lies within it). Its HVPs per measurement and actual error against
+    a converged Lanczos (``benchmarks/economy_sharpness_accuracy.py``) are in
+    docs/results/probes.md. When the top eigenvector turns almost orthogonal to the previous one
+    between measurements, the warm-started iteration returns the next eigenvalue instead (at
+    every tolerance).
 
-  Cost (``benchmarks/monitor_overhead.py --repeats 9``: MLP 40-256-256-10, AdamW, batch 128,
-  CPU, one thread, a training step about 1.0 ms): about 9.6 ms per measurement (sharpness
-  3.7, gradient noise 2.5, weights 2.0, loss 0.6), 9.5% of training time at ``every=100``
-  within runs, 9.2% after the first measurement (which holds one-time setup); the first
-  training step after a measurement runs about 0.3 ms slower (caches refilled). Sharpness is the
-  floor: each HVP on 64 examples is about 1 ms of matrix products. docs/results/probes.md has
-  the measurements.
+  Cost: ``benchmarks/monitor_overhead.py --repeats 9`` measures it per probe and as a share of
+  training time (figures in docs/results/probes.md, "Monitor overhead"). Sharpness is the
+  floor: its gradient with ``create_graph`` and its HVPs are matrix products on 64 examples.
 * ``"full"`` — everything: top-3 Hessian eigenvalues (Adam-preconditioned too when an Adam-type
   optimizer is passed to :meth:`Monitor.step`) with per-layer values, Hessian trace and spectral
   density, the NTK on 64 examples with per-layer traces and drift, gradient noise with per-layer

@@ -178,8 +178,8 @@ def grad_noise(
         precision: ``"float64"`` (default): per-coordinate statistics in float64; on the
             ``"linear"`` path the sums and sums of squares are float64 products of the model's
             factors (exact for float32 factors). ``"model"``: on the ``"linear"`` path, in the
-            model's dtype, as BackPACK (the sums are autograd's batch gradient; about 1.5x
-            faster in float32, docs/results/probes.md), with a relative error of about
+            model's dtype, as BackPACK (the sums are autograd's batch gradient; faster in
+            float32, figures in docs/results/probes.md), with a relative error of about
             :math:`\epsilon(1+\mathrm{GSNR}_k)` in :math:`\hat\sigma^2_k` from the cancellation in
             :math:`\sum_i g_{ik}^2 - b\bar g_k^2`. The ``"vmap"`` path always combines in float64.
         group: ``None`` (one process), a :class:`lmech.core.distributed.Distributed` context or a

@@ -224,7 +224,8 @@ def _gradient_start(op: HessianOperator, seed: int) -> Tensor | None:
     if not bool(torch.isfinite(norm)) or float(norm) == 0.0:
         return None
     z = torch.randn(op.dim, generator=torch.Generator().manual_seed(seed), dtype=op.dtype).to(op.device)
-    return g / norm + z / torch.linalg.vector_norm(z)
+    # in place (g is a fresh vector): the same roundings, no three more dim-long allocations
+    return g.div_(norm).add_(z.div_(torch.linalg.vector_norm(z)))
 
 
 def sharpness_per_layer(

@@ -307,8 +307,13 @@ def _gram_singular_values(M: Tensor) -> Tensor:
     docstring): ``min(m, n)`` values, eigenvalues clipped at 0 before the square root."""
     from scipy.linalg import eigh
 
+    from lmech.core.threads import blas_threads
+
     G = (M.T @ M if M.shape[0] >= M.shape[1] else M @ M.T).numpy()
-    lam = eigh(G, eigvals_only=True, driver="evd", overwrite_a=True, check_finite=False)
+    # SciPy's BLAS held to torch's thread count: on a busy machine its own pool made these
+    # eigensolves many times slower (docs/results/probes.md, "At scale")
+    with blas_threads():
+        lam = eigh(G, eigvals_only=True, driver="evd", overwrite_a=True, check_finite=False)
     return torch.from_numpy(np.sqrt(np.clip(lam[::-1], 0.0, None)).copy())
 
 

@@ -3,11 +3,10 @@
 The local executor's forkserver calls :func:`warm_up` once (it imports
 ``lmech.sweeps._forkserver_preload``) before forking any run, to import what every run would
 otherwise import on its own: torch, ``torch._dynamo`` (torch.optim's constructors import it
-lazily: about 2 s) and matplotlib with the Agg backend, its fonts and mathtext loaded by drawing
-one figure (about 2 s); the sweep's experiment module is preloaded too. Measured on the 2-core dev
-machine: a 40-step grokking run took 4.7 s from a fresh interpreter, almost all of it these
-one-time costs, and about 1.5 s forked from the warmed-up server. Importing this module has no
-side effects (the driver imports it too).
+lazily) and matplotlib with the Agg backend, its fonts and mathtext loaded by drawing one
+figure; the sweep's experiment module is preloaded too. These one-time costs are most of a short
+run's time from a fresh interpreter (figures in docs/results/sweeps.md). Importing this module
+has no side effects (the driver imports it too).
 """
 
 from __future__ import annotations

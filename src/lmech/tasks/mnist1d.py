@@ -55,8 +55,8 @@ def mnist1d(n_train: int = 4000, n_test: int = 1000, seed: int = 42, shuffle_seq
     the package's fixed random permutation of the 40 positions.
 
     The generator seeds the global ``np.random`` and ``random``; their states are saved and
-    restored, so calling this leaves every global RNG as it was. Generation takes about 1 s per
-    5000 examples; the arrays are cached in-process (keyed by size, seed and ``shuffle_seq``).
+    restored, so calling this leaves every global RNG as it was. Generation is a Python loop over
+    examples; the arrays are cached in-process (keyed by size, seed and ``shuffle_seq``).
 
     Example:
         >>> data = mnist1d(n_train=400, n_test=100)

@@ -33,7 +33,7 @@ each refit starts from the full-data optimum, plus the ``bootstrap_starts`` best
 the resampled data if asked (default 0: the resampled optimum is close to the full-data one).
 Percentile intervals at ``level`` (95%) are reported; the intervals, not the point values, are
 the result (Hoffmann's intervals were implausibly narrow). Note on BLAS: scipy's L-BFGS-B calls
-BLAS for tiny vectors; with a multi-threaded OpenBLAS on a busy machine that is ~40x slower, so
+BLAS for tiny vectors; with a multi-threaded OpenBLAS on a busy machine that is many times slower, so
 callers should limit BLAS threads (``threadpoolctl.threadpool_limits(1)``), as the catalog does.
 
 Example:

@@ -1,5 +1,5 @@
 """The ``stopping`` config key of the catalog entries on the training loop (inr-noise, pinn-advection,
-quanta): hash-neutral at none, a stopped run is the plain run cut at the stopping step, and the stop
+quanta, label-noise): hash-neutral at none, a stopped run is the plain run cut at the stopping step, and the stop
 step is the one the stand-alone criterion (and the Lightning callback) gives on the run's signals."""
 
 import dataclasses
@@ -22,6 +22,8 @@ PINN = {"steps": 60, "width": 8, "depth": 2, "n_collocation": 64, "batch_size": 
         "eval_every": 5}
 QUANTA = {"n_tasks": 8, "n_bits": 8, "k": 2, "width": 16, "steps": 200, "n_eval": 20, "test_per_task": 10,
           "batch_size": 32}
+LABEL = {"n_train": 64, "n_query": 32, "width": 32, "steps": 200, "readout_every": 10}
+LABEL_SGD = {**LABEL, "optimizer": "sgd", "batch_size": 16, "step_size": 0.2}
 
 # per entry, rules whose tiny run fires before or at the cap (measured while writing this)
 CASES = [
@@ -32,6 +34,12 @@ CASES = [
     ("pinn-advection", PINN, {"stopping": "gate", "stop_patience": 2, "stop_factor": 2.0}),
     ("quanta", QUANTA, {"stopping": "train_loss", "stop_patience": 2, "stop_min_delta": 0.05}),
     ("quanta", QUANTA, {"stopping": "gate", "stop_patience": 2, "stop_factor": 2.0}),
+    ("label-noise", LABEL, {"stopping": "path_loo", "stop_patience": 2}),
+    ("label-noise", LABEL, {"stopping": "path_gcv", "stop_patience": 2}),
+    ("label-noise", LABEL, {"stopping": "channel_noise", "stop_patience": 2}),
+    ("label-noise", LABEL, {"stopping": "gate", "stop_patience": 2, "stop_factor": 2.0}),
+    ("label-noise", LABEL, {"stopping": "evidence", "stop_patience": 2}),
+    ("label-noise", LABEL_SGD, {"stopping": "path_loo", "stop_patience": 2}),
 ]
 
 
@@ -78,7 +86,7 @@ def test_a_stopped_run_is_the_plain_run_cut_at_the_rules_step(tmp_path, name, ti
     assert a[training].equals(c[training])                            # feeding the rule changes nothing
 
     cfg = experiments.get(name).make_config({**tiny, **rule})
-    size = {"inr-noise": 32, "pinn-advection": 16, "quanta": 512}[name]
+    size = {"inr-noise": 32, "pinn-advection": 16, "quanta": 512, "label-noise": 64}[name]
     rows = _signals(c)
     assert [row for row in rows if row["step"] <= step] == _signals(b)
     alone = replay(build_criterion(cfg, size), rows)
@@ -88,7 +96,7 @@ def test_a_stopped_run_is_the_plain_run_cut_at_the_rules_step(tmp_path, name, ti
     assert (cb.stop_step, cb.best_step) == (step, r["stop/best_step"])
 
 
-@pytest.mark.parametrize("name", ["inr-noise", "pinn-advection", "quanta"])
+@pytest.mark.parametrize("name", ["inr-noise", "pinn-advection", "quanta", "label-noise"])
 def test_the_keys_are_hash_neutral_at_none(name):
     exp = experiments.get(name)
     cfg = dataclasses.asdict(exp.make_config(None))
@@ -99,9 +107,10 @@ def test_the_keys_are_hash_neutral_at_none(name):
 
 
 def test_run_ids_of_stored_runs_do_not_change():
-    """Hashes computed on main before the keys existed (default config seed 0, quick config seed 3)."""
+    """Hashes computed before the keys existed (default config seed 0, quick config seed 3): on main
+    for the first three, on the merge branch at f9c3309 for the others."""
     before = {"inr-noise": ("c38360828711", "179ceaa96ed1"), "pinn-advection": ("ce26a3aa28b5", "08aeaeb51630"),
-              "quanta": ("830e1e02814f", "56e4d4cfd1cc")}
+              "quanta": ("830e1e02814f", "56e4d4cfd1cc"), "label-noise": ("9a9eb7769109", "83fb8605f745")}
     for name, (default, quick) in before.items():
         exp = experiments.get(name)
         assert config_hash(name, dataclasses.asdict(exp.make_config(None)), 0)[:12] == default, name

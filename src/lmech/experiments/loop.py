@@ -7,7 +7,7 @@ Schedule (what every entry that uses it shares, bit for bit with the loops it re
     for step in 0 .. steps:
         if eval_at(step):                            # default: step % eval_every == 0 or step == steps
             metrics = evaluate(step)                 # no_grad is the entry's business
-            check_finite(metrics[watch])             # DivergedError -> the run reads "diverged"
+            check_finite(metrics[watch])             # DivergedError -> the run reads "diverged" (watch="": none)
             run.log(step, **metrics, **extras())     # e.g. weight norm, optimizer diagnostics
             if on_eval(step, metrics): stop          # the entry's bookkeeping; True stops early
         if step == steps: stop
@@ -89,7 +89,8 @@ class TrainingLoop:
         steps: optimizer steps; ``eval_every``: evaluation interval (the last step is always evaluated).
         loss: ``step -> Tensor``, the minibatch training loss of step ``step`` (graph attached).
         evaluate: ``step -> {name: float}``, the metrics logged at an evaluation step.
-        watch: the key of ``evaluate``'s metrics that must stay finite (else the run diverged).
+        watch: the key of ``evaluate``'s metrics that must stay finite (else the run diverged); ``""``
+            for an evaluation without metrics of its own (``no_evaluation`` fed to a stopping rule).
         extras: ``() -> dict`` logged beside every evaluation (weight norm, optimizer diagnostics).
         on_eval: ``(step, metrics) -> bool | None``, called after each evaluation is logged; a true
             return value stops training there (e.g. a target reached).
@@ -232,7 +233,8 @@ def train(run, loop: TrainingLoop) -> dict:
             due = (step % loop.eval_every == 0 or step == loop.steps) if loop.eval_at is None else loop.eval_at(step)
             if due:
                 evals = loop.evaluate(step)
-                check_finite(evals[loop.watch], step, last_good)
+                if loop.watch:
+                    check_finite(evals[loop.watch], step, last_good)
                 signals = _stop_signals(stopping, step)
                 run.log(step, **evals, **loop.extras(), **signals)
                 stop = loop.on_eval is not None and loop.on_eval(step, evals)

@@ -1,5 +1,5 @@
 """The ``stopping`` config key of the catalog entries on the training loop (inr-noise, pinn-advection,
-quanta, label-noise): hash-neutral at none, a stopped run is the plain run cut at the stopping step, and the stop
+quanta, label-noise, double-descent): hash-neutral at none, a stopped run is the plain run cut at the stopping step, and the stop
 step is the one the stand-alone criterion (and the Lightning callback) gives on the run's signals."""
 
 import dataclasses
@@ -96,7 +96,7 @@ def test_a_stopped_run_is_the_plain_run_cut_at_the_rules_step(tmp_path, name, ti
     assert (cb.stop_step, cb.best_step) == (step, r["stop/best_step"])
 
 
-@pytest.mark.parametrize("name", ["inr-noise", "pinn-advection", "quanta", "label-noise"])
+@pytest.mark.parametrize("name", ["inr-noise", "pinn-advection", "quanta", "label-noise", "double-descent"])
 def test_the_keys_are_hash_neutral_at_none(name):
     exp = experiments.get(name)
     cfg = dataclasses.asdict(exp.make_config(None))
@@ -110,7 +110,8 @@ def test_run_ids_of_stored_runs_do_not_change():
     """Hashes computed before the keys existed (default config seed 0, quick config seed 3): on main
     for the first three, on the merge branch at f9c3309 for the others."""
     before = {"inr-noise": ("c38360828711", "179ceaa96ed1"), "pinn-advection": ("ce26a3aa28b5", "08aeaeb51630"),
-              "quanta": ("830e1e02814f", "56e4d4cfd1cc"), "label-noise": ("9a9eb7769109", "83fb8605f745")}
+              "quanta": ("830e1e02814f", "56e4d4cfd1cc"), "label-noise": ("9a9eb7769109", "83fb8605f745"),
+              "double-descent": ("465fd8ae6fa8", "1adb5a2591d0")}
     for name, (default, quick) in before.items():
         exp = experiments.get(name)
         assert config_hash(name, dataclasses.asdict(exp.make_config(None)), 0)[:12] == default, name
@@ -167,3 +168,53 @@ def test_the_key_from_the_command_line(tmp_path):
     assert store.result(run_id)["stop/rule"] == "path_loo" and store.result(run_id)["stop/step"] == 50
     df = load(run_id, root=out, wide=True)
     assert df["step"].max() == 50 and df["stop/step"].dropna().tolist() == [50.0]
+
+
+DOUBLE = {"widths": "1,6,64", "n_train": 64, "n_query": 32, "steps": 300, "every": 10}
+DOUBLE_CASES = [{"stopping": "path_loo", "stop_patience": 3}, {"stopping": "channel_noise", "stop_patience": 3},
+                {"stopping": "gate", "stop_patience": 3, "stop_factor": 2.0}]
+
+
+def _table(df):
+    """The per-width rows of a double-descent run (logged at step = width), without ``stop/`` columns."""
+    cols = [c for c in df.columns if c != "step" and "/" not in c]
+    return df[df["step"].isin([1, 6, 64])][["step", *cols]].dropna(axis=1, how="all").reset_index(drop=True)
+
+
+@pytest.mark.parametrize("rule", DOUBLE_CASES, ids=[r["stopping"] for r in DOUBLE_CASES])
+def test_double_descent_stops_each_width_where_its_rule_fires(tmp_path, rule):
+    """Each width has its own rule; a stopped width's row is the row of the plain entry trained for
+    exactly its stop step, feeding the rule changes nothing, and each width's stop step is the
+    stand-alone criterion's (and the Lightning callback's) on that width's logged signals."""
+    name, widths = "double-descent", [1, 6, 64]
+    plain = experiments.run_experiment(name, DOUBLE, out=tmp_path)
+    stopped = experiments.run_experiment(name, {**DOUBLE, **rule}, out=tmp_path)
+    fed = experiments.run_experiment(name, {**DOUBLE, **rule, "stop_min_step": DOUBLE["steps"] + 1}, out=tmp_path)
+    assert plain["state"] == stopped["state"] == fed["state"] == "done", (stopped["message"], fed["message"])
+    r = stopped["result"]
+    assert r["stop/rule"] == rule["stopping"] and "stop/rule" not in plain["result"]
+    assert fed["result"]["stop/step"] == [None] * 3
+    assert all(s is not None and 0 < s <= DOUBLE["steps"] and s % DOUBLE["every"] == 0 for s in r["stop/step"])
+
+    a, b, c = (load(s["id"], root=tmp_path, wide=True) for s in (plain, stopped, fed))
+    assert _table(a).equals(_table(c))                                     # feeding the rule changes nothing
+    for step in sorted(set(r["stop/step"])):                               # the plain entry cut at the stop
+        short = experiments.run_experiment(name, {**DOUBLE, "steps": step}, out=tmp_path)
+        cut, rows = _table(load(short["id"], root=tmp_path, wide=True)), _table(b)
+        at = [i for i, s in enumerate(r["stop/step"]) if s == step]
+        assert cut.iloc[at].reset_index(drop=True).equals(rows.iloc[at][cut.columns].reset_index(drop=True))
+
+    cfg = experiments.get(name).make_config({**DOUBLE, **rule})
+    for i, width in enumerate(widths):
+        pre = f"w{width}/stop/"
+        cols = [col for col in c.columns if col.startswith(pre) and col not in (pre + "step", pre + "best_step")]
+        signals = lambda df: [{"step": int(x["step"]), **{col[len(pre):]: float(x[col]) for col in cols}}  # noqa: E731
+                              for _, x in df.dropna(subset=cols).iterrows()]
+        rows, step = signals(c), r["stop/step"][i]
+        assert [row for row in rows if row["step"] <= step] == signals(b)
+        alone = replay(build_criterion(cfg, DOUBLE["n_train"]), rows)
+        assert (alone.stop_step, alone.best_step) == (step, r["stop/best_step"][i])
+        assert b[pre + "step"].dropna().tolist() == [step]
+        pytest.importorskip("lightning")
+        cb = _lightning_stop(build_criterion(cfg, DOUBLE["n_train"]), rows)
+        assert (cb.stop_step, cb.best_step) == (step, r["stop/best_step"][i])

@@ -27,7 +27,7 @@ preset (:mod:`lmech.monitor`) on the entry's probe batch, every ``probe_every`` 
 ``eval_every``), writing ``probe/``, ``gradnoise/``, ``weights/``, ``sharpness/``... columns into the
 run. The Monitor restores every random generator after measuring, so the training losses do not
 change either way (tested). Several loops may train into one run (arms, widths): ``probe_prefix``
-puts each loop's probe columns under its own name (``"gd_0.1/"`` + ``"sharpness/lambda_1"``).
+puts each loop's probe (and ``stop/``) columns under its own name (``"gd_0.1/"`` + ``"sharpness/lambda_1"``).
 
 Updates other than ``zero_grad; backward; step`` (a closed-form or hand-written update, one that
 is skipped on a non-finite loss) are the entry's ``step_fn``: it makes the whole update of step
@@ -106,7 +106,8 @@ class TrainingLoop:
         on_step: ``(step, loss) -> dict | None``, called after the update of step ``step`` with its
             loss (a float); a returned dict is logged at ``step`` (e.g. the minibatch loss every
             ``k`` steps, as logged by the loops this replaced).
-        probe_prefix: prepended to the Monitor's column names (several loops in one run).
+        probe_prefix: prepended to the Monitor's and the stopping rule's column names (several loops
+            in one run).
         scheduler: a learning-rate scheduler, stepped after every ``optimizer.step()`` (with a
             ``step_fn``, stepping it is the entry's business).
         stopped_at: set by :func:`train`: the step training ended at (``steps``, or earlier).
@@ -235,7 +236,7 @@ def train(run, loop: TrainingLoop) -> dict:
                 evals = loop.evaluate(step)
                 if loop.watch:
                     check_finite(evals[loop.watch], step, last_good)
-                signals = _stop_signals(stopping, step)
+                signals = _stop_signals(stopping, step, loop.probe_prefix)
                 run.log(step, **evals, **loop.extras(), **signals)
                 stop = loop.on_eval is not None and loop.on_eval(step, evals)
                 if stop or (stopping is not None and stopping.fired):
@@ -260,15 +261,15 @@ def train(run, loop: TrainingLoop) -> dict:
     return evals
 
 
-def _stop_signals(stopping, step: int) -> dict:
-    """Feed the rule at an evaluation after step 0; its signals as ``stop/`` columns, and the
-    decision at the step it fires."""
+def _stop_signals(stopping, step: int, prefix: str = "") -> dict:
+    """Feed the rule at an evaluation after step 0; its signals as ``<prefix>stop/`` columns, and
+    the decision at the step it fires."""
     if stopping is None or step == 0:
         return {}
-    out = {f"stop/{k}": v for k, v in stopping.observe(step).items()}
+    out = {f"{prefix}stop/{k}": v for k, v in stopping.observe(step).items()}
     if stopping.fired:
         decision = stopping.decision()
-        out.update({"stop/step": decision["stop/step"], "stop/best_step": decision["stop/best_step"]})
+        out.update({f"{prefix}stop/step": decision["stop/step"], f"{prefix}stop/best_step": decision["stop/best_step"]})
     return out
 
 

@@ -1,5 +1,5 @@
 """The ``stopping`` config key of the catalog entries on the training loop (inr-noise, pinn-advection,
-quanta, label-noise, double-descent): hash-neutral at none, a stopped run is the plain run cut at the stopping step, and the stop
+quanta, label-noise, double-descent, prune-reservoir): hash-neutral at none, a stopped run is the plain run cut at the stopping step, and the stop
 step is the one the stand-alone criterion (and the Lightning callback) gives on the run's signals."""
 
 import dataclasses
@@ -96,7 +96,8 @@ def test_a_stopped_run_is_the_plain_run_cut_at_the_rules_step(tmp_path, name, ti
     assert (cb.stop_step, cb.best_step) == (step, r["stop/best_step"])
 
 
-@pytest.mark.parametrize("name", ["inr-noise", "pinn-advection", "quanta", "label-noise", "double-descent"])
+@pytest.mark.parametrize("name", ["inr-noise", "pinn-advection", "quanta", "label-noise", "double-descent",
+                                  "prune-reservoir"])
 def test_the_keys_are_hash_neutral_at_none(name):
     exp = experiments.get(name)
     cfg = dataclasses.asdict(exp.make_config(None))
@@ -111,7 +112,8 @@ def test_run_ids_of_stored_runs_do_not_change():
     for the first three, on the merge branch at f9c3309 for the others."""
     before = {"inr-noise": ("c38360828711", "179ceaa96ed1"), "pinn-advection": ("ce26a3aa28b5", "08aeaeb51630"),
               "quanta": ("830e1e02814f", "56e4d4cfd1cc"), "label-noise": ("9a9eb7769109", "83fb8605f745"),
-              "double-descent": ("465fd8ae6fa8", "1adb5a2591d0")}
+              "double-descent": ("465fd8ae6fa8", "1adb5a2591d0"),
+              "prune-reservoir": ("12efe2a273f8", "c8c5b7027700")}
     for name, (default, quick) in before.items():
         exp = experiments.get(name)
         assert config_hash(name, dataclasses.asdict(exp.make_config(None)), 0)[:12] == default, name
@@ -129,6 +131,10 @@ def test_run_ids_of_stored_runs_do_not_change():
     ("pinn-advection", {"stopping": "path_loo"}, "stopping=path_loo is not available here (the path rules"),
     ("quanta", {"stopping": "channel_noise"}, "there is no fixed training set"),
     ("quanta", {"stopping": "train_loss", "stop_min_delta": "1.5"}, "min_delta (relative) must be in [0, 1)"),
+    ("label-noise", {"stop_min_step": "40"}, "stop_min_step has no effect with stopping=none"),
+    ("label-noise", {"stopping": "oracle"}, "is not one of none, path_loo"),
+    ("double-descent", {"stopping": "gate", "stop_min_delta": "0.1"}, "stop_min_delta has no effect with stopping=gate"),
+    ("prune-reservoir", {"stopping": "path_gcv"}, "stopping=path_gcv is not available here (the usage is recorded"),
 ])
 def test_bad_stopping_keys_are_refused(name, sets, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
@@ -206,15 +212,63 @@ def test_double_descent_stops_each_width_where_its_rule_fires(tmp_path, rule):
 
     cfg = experiments.get(name).make_config({**DOUBLE, **rule})
     for i, width in enumerate(widths):
-        pre = f"w{width}/stop/"
-        cols = [col for col in c.columns if col.startswith(pre) and col not in (pre + "step", pre + "best_step")]
-        signals = lambda df: [{"step": int(x["step"]), **{col[len(pre):]: float(x[col]) for col in cols}}  # noqa: E731
-                              for _, x in df.dropna(subset=cols).iterrows()]
-        rows, step = signals(c), r["stop/step"][i]
-        assert [row for row in rows if row["step"] <= step] == signals(b)
-        alone = replay(build_criterion(cfg, DOUBLE["n_train"]), rows)
-        assert (alone.stop_step, alone.best_step) == (step, r["stop/best_step"][i])
-        assert b[pre + "step"].dropna().tolist() == [step]
-        pytest.importorskip("lightning")
-        cb = _lightning_stop(build_criterion(cfg, DOUBLE["n_train"]), rows)
-        assert (cb.stop_step, cb.best_step) == (step, r["stop/best_step"][i])
+        _assert_the_rule_replays(cfg, DOUBLE["n_train"], f"w{width}/stop/", b, c, r["stop/step"][i],
+                                 r["stop/best_step"][i])
+
+
+def _assert_the_rule_replays(cfg, size, pre, stopped, fed, step, best_step):
+    """The rows of ``pre`` signals the stopped run logged are the fed run's up to ``step``, and the
+    stand-alone criterion and the Lightning callback fed the fed run's rows stop at ``step``."""
+    cols = [col for col in fed.columns if col.startswith(pre) and col not in (pre + "step", pre + "best_step")]
+    assert cols
+
+    def signals(df):
+        return [{"step": int(x["step"]), **{col[len(pre):]: float(x[col]) for col in cols}}
+                for _, x in df.dropna(subset=cols).iterrows()]
+
+    rows = signals(fed)
+    assert [row for row in rows if row["step"] <= step] == signals(stopped)
+    assert stopped[pre + "step"].dropna().tolist() == [step]
+    alone = replay(build_criterion(cfg, size), rows)
+    assert (alone.stop_step, alone.best_step) == (step, best_step)
+    pytest.importorskip("lightning")
+    cb = _lightning_stop(build_criterion(cfg, size), rows)
+    assert (cb.stop_step, cb.best_step) == (step, best_step)
+
+
+PRUNE = {"mlp_width": 32, "mlp_steps": 200, "cnn_channels": 8, "cnn_steps": 200, "n_train": 300, "sparsities": "0.5,0.8"}
+PRUNE_CASES = [{"stopping": "gate", "stop_patience": 2, "stop_factor": 2.0}, {"stopping": "evidence", "stop_patience": 1},
+               {"stopping": "train_loss", "stop_patience": 1, "stop_min_delta": 0.05}]
+
+
+@pytest.mark.parametrize("rule", PRUNE_CASES, ids=[r["stopping"] for r in PRUNE_CASES])
+def test_prune_reservoir_prunes_the_network_its_rule_stopped(tmp_path, rule):
+    """Each task has its own rule; a stopped task's accuracies (dense and pruned, every method) are
+    those of the plain entry trained for exactly its stop step, feeding the rule changes nothing,
+    and each stop step is the stand-alone criterion's on the task's logged signals."""
+    name = "prune-reservoir"
+    plain = experiments.run_experiment(name, PRUNE, out=tmp_path)
+    stopped = experiments.run_experiment(name, {**PRUNE, **rule}, out=tmp_path)
+    fed = experiments.run_experiment(name, {**PRUNE, **rule, "stop_min_step": 201}, out=tmp_path)
+    assert plain["state"] == stopped["state"] == fed["state"] == "done", (stopped["message"], fed["message"])
+    r, tasks = stopped["result"], ("mlp-digits", "cnn-mnist1d")
+    assert r["stop/rule"] == rule["stopping"] and "stop/rule" not in plain["result"]
+    steps = {t: r["tasks"][t]["stop/step"] for t in tasks}
+    assert any(s is not None for s in steps.values()) and all(s is None or 0 < s <= 200 for s in steps.values())
+    measured = ("dense_test_acc", "dense_train_acc", "acc")
+    for t in tasks:
+        assert fed["result"]["tasks"][t]["stop/step"] is None
+        assert {k: fed["result"]["tasks"][t][k] for k in measured} == {k: plain["result"]["tasks"][t][k] for k in measured}
+    cut = {"mlp_steps": steps["mlp-digits"] or 200, "cnn_steps": steps["cnn-mnist1d"] or 200}
+    short = experiments.run_experiment(name, {**PRUNE, **cut}, out=tmp_path)["result"]
+    for t in tasks:
+        assert {k: r["tasks"][t][k] for k in measured} == {k: short["tasks"][t][k] for k in measured}
+
+    a, b, c = (load(s["id"], root=tmp_path, wide=True) for s in (plain, stopped, fed))
+    training = [col for col in a.columns if col != "step"]
+    assert a[training].equals(c[c["step"].isin(a["step"])][training].reset_index(drop=True))
+    cfg = experiments.get(name).make_config({**PRUNE, **rule})
+    for t in tasks:
+        if steps[t] is not None:
+            size = 300 if t == "cnn-mnist1d" else 512          # min(STOP_BATCH, training examples)
+            _assert_the_rule_replays(cfg, size, f"{t}/stop/", b, c, steps[t], r["tasks"][t]["stop/best_step"])

@@ -19,6 +19,15 @@ Checks (notes check 6, operationalized): the test-loss peak over widths is inter
 descent is there: the peak exceeds both ends by 20%), and the widths of the maximum test loss and
 of the maximum noise transfer, and of the maximum noise band energy, are at most one grid step
 apart.
+
+Early stopping (``stopping``, :mod:`lmech.experiments.stopping_keys`; every rule): each width's
+training has its own rule, fed at every record (every ``every`` steps; ``stop_patience`` counts
+records) on the training set only, through that width's recorder
+(:func:`lmech.experiments.signal_runs.record_training`); its signals are logged as
+``w<width>/stop/...`` columns at the training steps. A width whose rule fires ends there and is read
+out at that step, so the table is the early-stopped one (does stopping flatten the peak?); the
+result adds ``stop/rule`` and, per width, ``stop/step`` (``None``: ran to ``steps``) and
+``stop/best_step``.
 """
 
 from __future__ import annotations
@@ -31,13 +40,14 @@ import torch
 from lmech.experiments.loop import ProbeLevel
 from lmech.experiments.signal_runs import binary_task, record_training
 from lmech.experiments.base import CheckRow, Experiment, require
+from lmech.experiments.stopping_keys import STOPPING_RULES, StoppingKeys, validate_stopping_keys
 from lmech.errors import ConfigError
 from lmech.models import MLP
 from lmech.probes.gramian import half_mse
 
 
 @dataclass
-class DoubleDescentConfig:
+class DoubleDescentConfig(StoppingKeys):
     widths: str = "1,2,4,6,8,12,16,32,64,128"
     noise: float = 0.2
     n_train: int = 256
@@ -64,19 +74,22 @@ class DoubleDescentConfig:
         require(0 < self.step_size < 2, "step_size (eta lambda_max / n) must be in (0, 2)")
         require(self.every >= 1 and self.steps % self.every == 0, "every must divide steps")
         require(0 < self.band < 1, "band must be in (0, 1)")
+        validate_stopping_keys(self, STOPPING_RULES, self.n_train)
 
 
 def run(cfg: DoubleDescentConfig, run, seed: int) -> dict:
     data = binary_task("mnist1d", cfg.n_train, cfg.n_query, cfg.noise, seed)
     n = cfg.n_train
-    table, spectra = [], []
+    table, spectra, stops = [], [], []
     for width in cfg.width_list():
         torch.manual_seed(seed)
         model = MLP(data.x.shape[1], 1, width=width, depth=1, activation="relu")
         rr = record_training(model, data.x, data.y, data.x_query, data.y_query, optimizer="gd", lr=None,
                              steps=cfg.steps, every=cfg.every, readout_every=cfg.steps, run=None,
                              y_clean=data.y_clean, x_test=data.x_test, y_test=data.y_test, step_size=cfg.step_size,
-                             seed=seed, probes=cfg.probes, probe_prefix=f"w{width}/", probe_run=run)
+                             seed=seed, probes=cfg.probes, probe_prefix=f"w{width}/", probe_run=run,
+                             stopping=cfg, stop_every=cfg.every)
+        stops.append(rr.stop)
         r = rr.readouts[-1][1]
         row = dict(rr.rows[-1])
         split = r.split
@@ -119,6 +132,9 @@ def run(cfg: DoubleDescentConfig, run, seed: int) -> dict:
             "grid_steps_loss_vs_band": abs(peak - arg("noise_band_energy")),
         })
     result["coupling_corr_min"] = float(min(r["coupling_corr"] for r in table))
+    if cfg.stopping != "none":
+        result.update({"stop/rule": cfg.stopping, "stop/step": [s["stop/step"] for s in stops],
+                       "stop/best_step": [s["stop/best_step"] for s in stops]})
     return result
 
 

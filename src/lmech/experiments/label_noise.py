@@ -36,6 +36,15 @@ level within 25% of it (tolerances fixed before the first run of these estimates
 recording interval of full-batch runs (the kernel is frozen in between); minibatch runs are
 recorded every step.
 
+Early stopping (``stopping``, :mod:`lmech.experiments.stopping_keys`; every rule): fed at every
+readout (``stop_patience`` counts readouts), on the training set only. The path rules read the
+recorder above (not a second one): ``poprisk_loo``/``poprisk_gcv`` (``path_loo``, ``path_gcv``) and
+the channel-noise risk of its :math:`W_S` (``channel_noise``), the gradient rules
+:func:`lmech.stopping.gradient_signals` with :func:`half_mse` on all ``n_train`` noisy-label
+examples; none reads the test or query labels. Training ends at the readout where the rule fires:
+the ``final_*`` results and the checks are those of that readout, and the result adds
+``stop/rule``, ``stop/step`` and ``stop/best_step``.
+
 Made to back the interactive label-noise playground: one run (any ``noise``, ``optimizer``,
 ``task``) takes seconds to a minute and logs its energies to the run store as it goes.
 """
@@ -50,6 +59,7 @@ import torch
 from lmech.experiments.loop import ProbeLevel
 from lmech.experiments.signal_runs import BINARY_TASKS, binary_task, pearson, record_training
 from lmech.experiments.base import CheckRow, Experiment, require
+from lmech.experiments.stopping_keys import STOPPING_RULES, StoppingKeys, validate_stopping_keys
 from lmech.models import MLP
 from lmech.probes.gramian import half_mse
 
@@ -57,7 +67,7 @@ CELLS = ("signal_channel", "signal_reservoir", "noise_channel", "noise_reservoir
 
 
 @dataclass
-class LabelNoiseConfig:
+class LabelNoiseConfig(StoppingKeys):
     task: Literal["digits", "mnist1d", "teacher"] = "digits"
     noise: float = 0.2
     n_train: int = 256
@@ -89,6 +99,7 @@ class LabelNoiseConfig:
         require(self.every >= 1 and self.steps % self.every == 0 and self.readout_every % self.every == 0,
                 "every must be >= 1 and divide steps and readout_every")
         require(self.steps >= self.readout_every > 0, "need steps >= readout_every > 0")
+        validate_stopping_keys(self, STOPPING_RULES, self.n_train)
 
 
 def _lr(cfg: LabelNoiseConfig) -> float | None:
@@ -121,7 +132,7 @@ def run(cfg: LabelNoiseConfig, run, seed: int) -> dict:
                          readout_every=cfg.readout_every, run=run,
                          y_clean=data.y_clean, x_test=data.x_test, y_test=data.y_test,
                          weight_decay=cfg.weight_decay, batch_size=cfg.batch_size, step_size=cfg.step_size,
-                         seed=seed, on_readout=on_readout, probes=cfg.probes)
+                         seed=seed, on_readout=on_readout, probes=cfg.probes, stopping=cfg)
     rows = rr.rows
     final_step, final = rr.readouts[-1]
     col = lambda k: [r[k] for r in rows]  # noqa: E731
@@ -138,6 +149,7 @@ def run(cfg: LabelNoiseConfig, run, seed: int) -> dict:
         "n_channel": final.split.n_channel, "cutoff": final.split.cutoff, "gap_ratio": final.split.gap_ratio,
         "near_cut_fraction": final.split.near_cut_fraction, "drift": final.drift_op,
         "train_loss_corr_heldout": pearson(col("loss"), col("heldout_noisy_loss")),
+        **rr.stop,
     }
     heldout = rows[-1]["heldout_noisy_loss"]
     for name in ("poprisk_loo", "poprisk_gcv", "poprisk_ustat", "poprisk_ustat_path"):

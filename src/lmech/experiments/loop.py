@@ -7,7 +7,7 @@ Schedule (what every entry that uses it shares, bit for bit with the loops it re
     for step in 0 .. steps:
         if eval_at(step):                            # default: step % eval_every == 0 or step == steps
             metrics = evaluate(step)                 # no_grad is the entry's business
-            check_finite(metrics[watch])             # DivergedError -> the run reads "diverged"
+            check_finite(metrics[watch])             # DivergedError -> the run reads "diverged" (watch="": none)
             run.log(step, **metrics, **extras())     # e.g. weight norm, optimizer diagnostics
             if on_eval(step, metrics): stop          # the entry's bookkeeping; True stops early
         if step == steps: stop
@@ -27,7 +27,7 @@ preset (:mod:`lmech.monitor`) on the entry's probe batch, every ``probe_every`` 
 ``eval_every``), writing ``probe/``, ``gradnoise/``, ``weights/``, ``sharpness/``... columns into the
 run. The Monitor restores every random generator after measuring, so the training losses do not
 change either way (tested). Several loops may train into one run (arms, widths): ``probe_prefix``
-puts each loop's probe columns under its own name (``"gd_0.1/"`` + ``"sharpness/lambda_1"``).
+puts each loop's probe (and ``stop/``) columns under its own name (``"gd_0.1/"`` + ``"sharpness/lambda_1"``).
 
 Updates other than ``zero_grad; backward; step`` (a closed-form or hand-written update, one that
 is skipped on a non-finite loss) are the entry's ``step_fn``: it makes the whole update of step
@@ -89,7 +89,8 @@ class TrainingLoop:
         steps: optimizer steps; ``eval_every``: evaluation interval (the last step is always evaluated).
         loss: ``step -> Tensor``, the minibatch training loss of step ``step`` (graph attached).
         evaluate: ``step -> {name: float}``, the metrics logged at an evaluation step.
-        watch: the key of ``evaluate``'s metrics that must stay finite (else the run diverged).
+        watch: the key of ``evaluate``'s metrics that must stay finite (else the run diverged); ``""``
+            for an evaluation without metrics of its own (``no_evaluation`` fed to a stopping rule).
         extras: ``() -> dict`` logged beside every evaluation (weight norm, optimizer diagnostics).
         on_eval: ``(step, metrics) -> bool | None``, called after each evaluation is logged; a true
             return value stops training there (e.g. a target reached).
@@ -105,7 +106,8 @@ class TrainingLoop:
         on_step: ``(step, loss) -> dict | None``, called after the update of step ``step`` with its
             loss (a float); a returned dict is logged at ``step`` (e.g. the minibatch loss every
             ``k`` steps, as logged by the loops this replaced).
-        probe_prefix: prepended to the Monitor's column names (several loops in one run).
+        probe_prefix: prepended to the Monitor's and the stopping rule's column names (several loops
+            in one run).
         scheduler: a learning-rate scheduler, stepped after every ``optimizer.step()`` (with a
             ``step_fn``, stepping it is the entry's business).
         stopped_at: set by :func:`train`: the step training ended at (``steps``, or earlier).
@@ -232,8 +234,9 @@ def train(run, loop: TrainingLoop) -> dict:
             due = (step % loop.eval_every == 0 or step == loop.steps) if loop.eval_at is None else loop.eval_at(step)
             if due:
                 evals = loop.evaluate(step)
-                check_finite(evals[loop.watch], step, last_good)
-                signals = _stop_signals(stopping, step)
+                if loop.watch:
+                    check_finite(evals[loop.watch], step, last_good)
+                signals = _stop_signals(stopping, step, loop.probe_prefix)
                 run.log(step, **evals, **loop.extras(), **signals)
                 stop = loop.on_eval is not None and loop.on_eval(step, evals)
                 if stop or (stopping is not None and stopping.fired):
@@ -258,15 +261,15 @@ def train(run, loop: TrainingLoop) -> dict:
     return evals
 
 
-def _stop_signals(stopping, step: int) -> dict:
-    """Feed the rule at an evaluation after step 0; its signals as ``stop/`` columns, and the
-    decision at the step it fires."""
+def _stop_signals(stopping, step: int, prefix: str = "") -> dict:
+    """Feed the rule at an evaluation after step 0; its signals as ``<prefix>stop/`` columns, and
+    the decision at the step it fires."""
     if stopping is None or step == 0:
         return {}
-    out = {f"stop/{k}": v for k, v in stopping.observe(step).items()}
+    out = {f"{prefix}stop/{k}": v for k, v in stopping.observe(step).items()}
     if stopping.fired:
         decision = stopping.decision()
-        out.update({"stop/step": decision["stop/step"], "stop/best_step": decision["stop/best_step"]})
+        out.update({f"{prefix}stop/step": decision["stop/step"], f"{prefix}stop/best_step": decision["stop/best_step"]})
     return out
 
 

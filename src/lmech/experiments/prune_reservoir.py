@@ -27,6 +27,15 @@ Checks (tolerances fixed before the first full run):
 The three-seed study with tables and a figure is ``scripts/prune_study.py``; results in
 docs/results/no-validation.md. Each task trains on :class:`lmech.experiments.loop.TrainingLoop`
 (``probes=economy|full``: a Monitor every ``steps // 10`` steps, columns ``<task>/probe/...``).
+
+Early stopping (``stopping``, :mod:`lmech.experiments.stopping_keys`): the gradient rules (``gate``,
+``evidence``, ``train_loss``) read :func:`lmech.stopping.gradient_signals` (cross-entropy) on the
+first :data:`STOP_BATCH` training examples, every ``steps // 10`` steps (``stop_patience`` counts
+those), columns ``<task>/stop/...``; never the test set. A task whose rule fires ends there: its
+usage is the path up to the stop and the stopped network is the one pruned. There is no
+:class:`~lmech.probes.gramian.PathRecorder` here (the usage is :class:`lmech.prune.PathUsage`), so
+the path rules are not offered. The result adds ``stop/rule`` and per task ``stop/step`` and
+``stop/best_step`` (in ``tasks.<task>``).
 """
 
 from __future__ import annotations
@@ -40,16 +49,18 @@ import torch.nn.functional as F
 from lmech.experiments.base import CheckRow, Experiment, require
 from lmech.experiments.loop import ProbeLevel, TrainingLoop, never, no_evaluation, train
 from lmech.errors import ConfigError
+from lmech.experiments.stopping_keys import GRADIENT_RULES, StoppingKeys, stopping_driver, validate_stopping_keys
 from lmech.models import CNN1D, MLP
 from lmech.prune import PathUsage, magnitude_scores, prune_masks, pruned_copy, random_scores
 from lmech.tasks import digits, mnist1d
 
 METHODS = ("reservoir", "reservoir_grad", "magnitude", "displacement", "random")
 TASKS = ("mlp-digits", "cnn-mnist1d")
+STOP_BATCH = 512  # training examples the stopping rules' gradient signals are measured on (fewer if n_train is)
 
 
 @dataclass
-class PruneReservoirConfig:
+class PruneReservoirConfig(StoppingKeys):
     tasks: str = "mlp-digits,cnn-mnist1d"       # comma-separated, from mlp-digits, cnn-mnist1d
     sparsities: str = "0.5,0.8,0.9"
     mlp_width: int = 256
@@ -84,6 +95,8 @@ class PruneReservoirConfig:
         require(self.mlp_lr > 0 and self.cnn_lr > 0 and self.weight_decay >= 0,
                 "learning rates must be > 0 and weight_decay >= 0")
         require(self.n_train >= self.batch_size, "n_train must be at least batch_size")
+        validate_stopping_keys(self, ("none", *GRADIENT_RULES), STOP_BATCH,
+                               "the usage is recorded by PathUsage; there is no PathRecorder for the path rules")
 
 
 def _accuracy(model, x, y) -> float:
@@ -92,11 +105,12 @@ def _accuracy(model, x, y) -> float:
 
 
 def train_with_usage(model, x, y, steps: int, lr: float, batch_size: int, weight_decay: float, seed: int,
-                     run=None, probes: ProbeLevel = "none", prefix: str = ""):
+                     run=None, probes: ProbeLevel = "none", prefix: str = "", stopping=None):
     """AdamW on minibatches (a private generator seeded ``seed``), both usage modes recorded
-    after every update; ``probes`` attaches a Monitor writing into ``run`` under ``prefix``.
+    after every update; ``probes`` attaches a Monitor writing into ``run`` under ``prefix``;
+    ``stopping``: a config with the stopping keys (module docstring; ``None``: none).
 
-    Returns ``(usage_update, usage_gradient, initial_weights)``.
+    Returns ``(usage_update, usage_gradient, initial_weights, stop_result)``.
     """
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -112,10 +126,15 @@ def train_with_usage(model, x, y, steps: int, lr: float, batch_size: int, weight
         up.step(lr)
         gr.step(lr)
 
-    train(run, TrainingLoop(model, opt, steps, max(1, steps // 10), loss, no_evaluation, watch="", eval_at=never,
-                            on_step=record_usage, probes=probes, probe_batch=(x[:256], y[:256]),
-                            probe_loss=F.cross_entropy, probe_prefix=prefix))
-    return up, gr, w0
+    every = max(1, steps // 10)
+    driver = None if stopping is None else stopping_driver(stopping, model, F.cross_entropy,
+                                                           (x[:STOP_BATCH], y[:STOP_BATCH]))
+    fed = never if driver is None else (lambda step: step > 0 and step % every == 0)
+    loop = TrainingLoop(model, opt, steps, every, loss, no_evaluation, watch="", eval_at=fed,
+                        on_step=record_usage, probes=probes, probe_batch=(x[:256], y[:256]),
+                        probe_loss=F.cross_entropy, probe_prefix=prefix, stopping=driver)
+    train(run, loop)
+    return up, gr, w0, loop.stop_result()
 
 
 def method_scores(model, up: PathUsage, gr: PathUsage, w0: dict, seed: int) -> dict[str, dict]:
@@ -142,10 +161,11 @@ def run_task(task: str, cfg: PruneReservoirConfig, seed: int, run=None) -> dict:
         data = mnist1d(n_train=cfg.n_train, n_test=1000, seed=42 + seed)
         model = CNN1D(in_len=40, n_classes=10, channels=cfg.cnn_channels)
         steps, lr = cfg.cnn_steps, cfg.cnn_lr
-    up, gr, w0 = train_with_usage(model, data.x_train, data.y_train, steps, lr, cfg.batch_size,
-                                  cfg.weight_decay, seed, run, cfg.probes, f"{task}/")
+    up, gr, w0, stop = train_with_usage(model, data.x_train, data.y_train, steps, lr, cfg.batch_size,
+                                        cfg.weight_decay, seed, run, cfg.probes, f"{task}/", cfg)
     out = {"task": task, "seed": seed, "dense_test_acc": _accuracy(model, data.x_test, data.y_test),
-           "dense_train_acc": _accuracy(model, data.x_train, data.y_train), "acc": {}}
+           "dense_train_acc": _accuracy(model, data.x_train, data.y_train), "acc": {},
+           **{k: v for k, v in stop.items() if k != "stop/rule"}}
     for method, scores in method_scores(model, up, gr, w0, seed).items():
         for s in cfg.sparsity_list():
             out["acc"][f"{method}@{s:g}"] = _accuracy(pruned_copy(model, prune_masks(scores, s)),
@@ -163,6 +183,8 @@ def run_task(task: str, cfg: PruneReservoirConfig, seed: int, run=None) -> dict:
 def run(cfg: PruneReservoirConfig, run, seed: int) -> dict:
     torch.set_num_threads(1)
     result: dict = {"sparsities": cfg.sparsity_list(), "tasks": {}}
+    if cfg.stopping != "none":
+        result["stop/rule"] = cfg.stopping
     for i, task in enumerate(cfg.task_list()):
         r = run_task(task, cfg, seed, run)
         result["tasks"][task] = r

@@ -144,6 +144,27 @@ class RecordedRun:
     readouts: list[tuple[int, GramianReadout]]
     rows: list[dict]
     lr: float
+    stop: dict = field(default_factory=dict)   # TrainingLoop.stop_result(): {} without a stopping rule
+
+
+class EntryRecorder:
+    """The entry's own :class:`PathRecorder` as a :class:`lmech.stopping.driver.StoppingDriver`
+    sees it: one recorder, not a second. :func:`record_training` starts and advances it (at its own
+    recording interval, with its learning rate); :meth:`step` hands the driver the scalars of the
+    last record, every other attribute is the recorder's (the channel-noise signals read its
+    ``path``, ``outputs()``, ``y``, ``n``)."""
+
+    def __init__(self, recorder: PathRecorder, scalars: Callable[[], dict]):
+        self._recorder, self._scalars = recorder, scalars
+
+    def start(self) -> None:
+        """Started already, at the initial weights, by the entry."""
+
+    def step(self, batch=None) -> dict:
+        return self._scalars()
+
+    def __getattr__(self, name: str):
+        return getattr(self._recorder, name)
 
 
 def record_training(model: nn.Module, x: Tensor, y: Tensor, x_query: Tensor, y_query: Tensor, *,
@@ -154,7 +175,7 @@ def record_training(model: nn.Module, x: Tensor, y: Tensor, x_query: Tensor, y_q
                     seed: int = 0, readout_kwargs: dict | None = None,
                     on_readout: Callable[[int, PathRecorder, GramianReadout, dict], None] | None = None,
                     keep_readouts: bool = True, probes: ProbeLevel = "none", probe_prefix: str = "",
-                    probe_run=None) -> RecordedRun:
+                    probe_run=None, stopping=None, stop_every: int | None = None) -> RecordedRun:
     r"""Train ``model`` on ``(x, y)`` with :func:`half_mse` and a :class:`PathRecorder` attached.
 
     ``optimizer``: ``gd``/``sgd`` (plain SGD), ``adam``, ``adamw`` or ``poprisk``; full batch unless
@@ -170,6 +191,15 @@ def record_training(model: nn.Module, x: Tensor, y: Tensor, x_query: Tensor, y_q
     The loop is a :class:`lmech.experiments.loop.TrainingLoop` (the recorder and the readouts in
     its ``on_step``); ``probes`` attaches a Monitor every ``readout_every`` steps on the first 256
     training examples, writing ``<probe_prefix>probe/...`` columns into ``probe_run`` (default ``run``).
+
+    ``stopping``: the entry's config with :class:`lmech.experiments.stopping_keys.StoppingKeys`
+    (``None`` or ``stopping="none"``: nothing changes). The rule is fed every ``stop_every`` steps
+    (default ``readout_every``; a multiple of ``every``), on training data only: the gradient
+    signals with :func:`half_mse` on all of ``(x, y)``, the path signals (``poprisk_loo``,
+    ``poprisk_gcv``, ``leverage``: functions of the training outputs and the path over S) from
+    this recorder (:class:`EntryRecorder`), the channel-noise risk from its :math:`W_S`; none of its
+    query-set quantities. Training ends at the evaluation where the rule fires; if that step has
+    no readout yet, one is taken there, so ``readouts[-1]`` and ``rows[-1]`` are at the stop.
     """
     n = x.shape[0]
     full_batch = batch_size <= 0 or batch_size >= n
@@ -236,12 +266,28 @@ def record_training(model: nn.Module, x: Tensor, y: Tensor, x_query: Tensor, y_q
         if keep_readouts:
             readouts.append((step, r))
 
-    loop = TrainingLoop(model, opt, steps, readout_every, loss, no_evaluation, watch="", eval_at=never,
+    driver = _stopping_driver(stopping, model, x, y, EntryRecorder(rec, lambda: state["scalars"]))
+    stop_every = readout_every if stop_every is None else stop_every
+    if driver is not None and (stop_every <= 0 or stop_every % every):
+        raise ValueError(f"stop_every ({stop_every}) must be a positive multiple of every ({every})")
+    fed = never if driver is None else (lambda step: step > 0 and step % stop_every == 0)
+    loop = TrainingLoop(model, opt, steps, readout_every, loss, no_evaluation, watch="", eval_at=fed,
                         on_step=after_update, probes=probes, probe_batch=(x[:256], y[:256]), probe_loss=half_mse,
-                        probe_prefix=probe_prefix)
+                        probe_prefix=probe_prefix, stopping=driver)
     train(run if probe_run is None else probe_run, loop)
+    if loop.stopped_at < steps and loop.stopped_at % readout_every:
+        _readout(loop.stopped_at)
     lr = state["lr"]
-    return RecordedRun(rec, readouts, rows, float(lr))
+    return RecordedRun(rec, readouts, rows, float(lr), loop.stop_result())
+
+
+def _stopping_driver(cfg, model: nn.Module, x: Tensor, y: Tensor, recorder: EntryRecorder):
+    """The StoppingDriver of ``cfg``'s rule (``None`` without one) on the training set ``(x, y)``."""
+    if cfg is None or cfg.stopping == "none":
+        return None
+    from lmech.experiments.stopping_keys import stopping_driver
+
+    return stopping_driver(cfg, model, half_mse, (x, y), recorder=lambda: recorder)
 
 
 def pearson(a, b) -> float:

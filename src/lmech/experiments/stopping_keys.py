@@ -26,6 +26,28 @@ needs held-out data, which a validation-free rule must not read; every entry log
 metric at each evaluation, so a ``stopping=none`` run scores any rule against the oracle afterwards
 (:func:`lmech.stopping.oracle_step`). At ``stopping=none`` with the other keys at their defaults
 the keys are hash-neutral (:data:`lmech.runs.provenance.HASH_NEUTRAL`): run ids are unchanged.
+
+Entries with the keys (each docstring says what its rule reads and when it is fed):
+
+* ``inr-noise``: every rule (path rules up to 1,024 points, not with Grokfast);
+* ``pinn-advection``, ``quanta``: the gradient rules;
+* ``label-noise``: every rule, fed at each readout; the path rules read the entry's own recorder;
+* ``double-descent``: every rule, one per width, fed at each record;
+* ``prune-reservoir``: the gradient rules, one per task; the stopped network is the one pruned.
+
+Entries on the loop without them, because stopping would defeat what they measure:
+
+* ``scaling-law``: :math:`L(N, D)` is a function of the ``D`` examples each run sees exactly once;
+* ``coupling``: checks the train-test coupling identity along a fixed path (two arms, same horizon);
+* ``grokking-channel``: training signals settle at memorization, long before the delayed
+  generalization the entry exists to show;
+* ``lazy-rich``: compares how far weights and kernels move across widths and alphas in the same time;
+* ``edge-of-stability``, ``stochastic-stability``, ``central-flows``: the sharpness dynamics over a
+  fixed horizon are the measurement, not a model to select;
+* ``mup``: learning-rate transfer compares losses across widths after the same number of steps;
+* ``deep-linear``, ``saddle-to-saddle``: the mode dynamics against their closed form over time;
+* ``in-context``: in-context regression is compared with closed-form predictors at convergence;
+* ``transformer-clusters``: the clusters of the representations after a fixed training are measured.
 """
 
 from __future__ import annotations

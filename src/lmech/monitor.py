@@ -63,6 +63,22 @@ Presets (``probes=``):
   training step after a measurement runs about 0.3 ms slower (caches refilled). Sharpness is the
   floor: each HVP on 64 examples is about 1 ms of matrix products. docs/results/probes.md has
   the measurements.
+
+  *Sized by the training batch* (``preset("economy", train_batch=B)``, ``B`` examples per
+  training step): the fixed 32 and 64 examples above cost in proportion to the probe batch, not
+  to training, so a model trained on a few long sequences pays many training steps per
+  measurement. Given ``B``, gradient noise uses the first :math:`\min(32, B)` examples (at least
+  3) and sharpness the first :math:`\min(64, \lfloor B/4 \rfloor)` (at least 1). Cost model, in
+  training steps (one forward and backward of ``B`` examples): per-example gradients of at most
+  ``B`` examples cost about one to three steps (``vmap`` overhead), sharpness (a ``create_graph``
+  gradient plus at most 4 HVPs, each about two gradients) about ten gradients of ``B/4``
+  examples, i.e. about 2.5 steps, the weights probe does not grow with the data; with the probe
+  loss (one forward pass of the probe batch: about a third of a step per ``B`` examples) a
+  measurement is a handful of training steps, about 5% of training time amortized at
+  ``every=100``. The price is statistical: sharpness is the top eigenvalue of the Hessian of
+  ``B/4`` examples (larger than the full-batch one when examples disagree), and the noise
+  statistics have the standard errors of ``min(32, B)`` examples (``gradnoise/snr_stderr``).
+  docs/results/probes.md has the measurements.
 * ``"full"`` — everything: top-3 Hessian eigenvalues (Adam-preconditioned too when an Adam-type
   optimizer is passed to :meth:`Monitor.step`) with per-layer values, Hessian trace and spectral
   density, the NTK on 64 examples with per-layer traces and drift, gradient noise with per-layer
@@ -158,18 +174,27 @@ class LossProbe:
         return metrics
 
 
-def preset(name: Literal["economy", "full"]) -> list[Probe]:
-    """The probe list of a preset (module docstring); fresh objects each call."""
+def preset(name: Literal["economy", "full"], *, train_batch: int | None = None) -> list[Probe]:
+    """The probe list of a preset (module docstring); fresh objects each call.
+
+    ``train_batch``: the number of examples in one training step. Given, the economy preset sizes
+    its samples by it instead of the fixed 32 and 64 examples (module docstring, "sized by the
+    training batch"): ``Monitor(model, loss_fn, batch, probes=preset("economy", train_batch=8))``.
+    """
     from lmech.probes.gradnoise import GradNoiseProbe
     from lmech.probes.ntk import NTKProbe
     from lmech.probes.representations import RepresentationProbe
     from lmech.probes.sharpness import HessianTraceProbe, SharpnessProbe, SpectralDensityProbe
     from lmech.probes.weights import WeightSpectrumProbe
 
+    if train_batch is not None and not (isinstance(train_batch, int) and train_batch >= 1):
+        raise ValueError(f"train_batch must be a positive number of examples, got {train_batch!r}")
     if name == "economy":
-        return [LossProbe(), GradNoiseProbe(per_layer=True, num_examples=32),
+        noise, curvature = (32, 64) if train_batch is None else (max(3, min(32, train_batch)),
+                                                                 max(1, min(64, train_batch // 4)))
+        return [LossProbe(), GradNoiseProbe(per_layer=True, num_examples=noise),
                 WeightSpectrumProbe(fit_power_law=False, tol=1e-3),
-                SharpnessProbe(k=1, tol=5e-2, max_iter=4, num_examples=64)]
+                SharpnessProbe(k=1, tol=5e-2, max_iter=4, num_examples=curvature)]
     if name == "full":
         return [LossProbe(), SharpnessProbe(k=3, preconditioned="auto", per_layer=True),
                 HessianTraceProbe(num_matvecs=30), SpectralDensityProbe(),

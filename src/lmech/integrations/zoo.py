@@ -1,6 +1,6 @@
 """Third-party models built from configs with random weights (nothing is downloaded), with a
 probe batch and a loss for each: the model zoo of the integration tests and of
-``benchmarks/model_zoo.py``.
+``scripts/usual_sizes.py``.
 
 Needs ``transformers`` (extra ``lmech[hf]``). The ResNet-18 is ``transformers``'
 ``ResNetForImageClassification`` from a ``ResNetConfig`` with ResNet-18's widths and depths

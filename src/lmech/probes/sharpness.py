@@ -65,6 +65,7 @@ from lmech.core.linalg import (
     hutchinson_trace,
     hutchpp_trace,
     lanczos,
+    lanczos_memory_check,
     slq,
 )
 from lmech.core.batch import Output, adapt
@@ -283,22 +284,29 @@ class HessianOperator:
                 self._chunks.append((xs, ys, xs[0].shape[0] / n))
         self.num_matvecs = 0
         self._leaves = self._grads = None
-        if len(self._chunks) == 1:
+
+    def _cached_graph(self) -> bool:
+        """Whole-batch path: the gradient with ``create_graph``, built at the first product or
+        gradient (not in the constructor, so that a caller's memory check comes first)."""
+        if len(self._chunks) != 1:
+            return False
+        if self._grads is None:
             xs, ys, _ = self._chunks[0]
-            leaves = {n: p.detach().requires_grad_() for n, p in fm.params.items()}
+            leaves = {n: p.detach().requires_grad_() for n, p in self.fm.params.items()}
             with torch.enable_grad(), differentiable_kernels():
-                loss = loss_fn(fm(leaves, *xs), ys)
+                loss = self.loss_fn(self.fm(leaves, *xs), ys)
                 grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
                                             allow_unused=True, materialize_grads=True)
             self._leaves, self._grads = list(leaves.values()), grads
             # gradients that do not depend on w (loss linear in that tensor): H-rows of zero
             self._live = [i for i, g in enumerate(grads) if g.requires_grad]
+        return True
 
     def _hvp(self, v: dict[str, Tensor]) -> dict[str, Tensor]:
         fm, loss_fn = self.fm, self.loss_fn
         if not self._chunks:
             return {n: torch.zeros_like(t) for n, t in v.items()}
-        if self._grads is not None:
+        if self._cached_graph():
             vs = list(v.values())
             if not self._live:
                 return {n: torch.zeros_like(t) for n, t in v.items()}
@@ -325,7 +333,7 @@ class HessianOperator:
         Free on the whole-batch path (the cached gradient); with ``batch_size`` one gradient
         pass over the chunks, :math:`\sum_c \frac{n_c}{n} \nabla L_c`. Not counted in
         :attr:`num_matvecs`."""
-        if self._grads is not None:
+        if self._cached_graph():
             g = torch.cat([t.detach().reshape(-1) for t in self._grads])
         else:
             g = None
@@ -481,6 +489,7 @@ def sharpness(
     if start not in ("gradient", "random"):
         raise ValueError(f"start must be 'gradient' or 'random', got {start!r}")
     op = HessianOperator(model, loss_fn, batch, params, preconditioner, batch_size, group, output=output)
+    lanczos_memory_check(op.dim, k, max_iter, op.dtype, max_bytes)  # before any gradient is taken
     if v0 is None and start == "gradient":
         v0 = _gradient_start(op, seed)
     if op.dist is not None and v0 is not None:

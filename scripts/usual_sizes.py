@@ -1,7 +1,7 @@
 """Every probe, once, on the zoo's models at their usual small sizes: works or refuses in one line.
 
 GPT-2 124M (``GPT2Config()``'s dimensions), BERT-base 110M (``BertConfig()``'s) and ResNet-18
-(11.7M at 10 classes; ``transformers``' ``ResNetForImageClassification`` from a ResNet-18
+(11.2M at 10 classes, 11.7M with 1,000; ``transformers``' ``ResNetForImageClassification`` from a ResNet-18
 ``ResNetConfig``: torchvision has no CPU wheel for torch 2.13 on the package registry), random
 init (:mod:`lmech.integrations.zoo`), one realistic batch each. For every probe the call a user
 would make first (defaults); when it refuses for memory, the fix its message names, applied
@@ -248,7 +248,7 @@ INTRO = """\
 Every probe, called once as a user would call it first, on the zoo's models at their usual small
 sizes (`lmech.integrations.zoo`, random init from configs, nothing downloaded): GPT-2 124M
 (`GPT2Config()`'s dimensions), BERT-base 110M (`BertConfig()`'s, a 3-class head) and ResNet-18
-(11.7M at 10 classes). The ResNet-18 is `transformers`' `ResNetForImageClassification` from a
+(11.2M at 10 classes; 11.7M with ImageNet's 1,000). The ResNet-18 is `transformers`' `ResNetForImageClassification` from a
 ResNet-18 `ResNetConfig` (basic blocks, BatchNorm), not torchvision's: the package registry has
 no torchvision CPU wheel for torch 2.13. *works*: the probe returned and its main value is finite;
 *refused*: it raised one line on purpose (an `LmechError`, or raised in lmech's own code) naming

@@ -74,9 +74,9 @@ Presets (``probes=``):
   gradient plus at most 4 HVPs, each about two gradients) about ten gradients of ``B/4``
   examples, i.e. about 2.5 steps, the weights probe does not grow with the data; with the probe
   loss (one forward pass of the probe batch: about a third of a step per ``B`` examples) a
-  measurement is a handful of training steps, about 5% of training time amortized at
-  ``every=100``. The price is statistical: sharpness is the top eigenvalue of the Hessian of
-  ``B/4`` examples (larger than the full-batch one when examples disagree), and the noise
+  measurement is a handful of training steps (more with a probe batch many times ``B``), under
+  10% of training time amortized at ``every=100``. The price is statistical: sharpness is the
+  top eigenvalue of the Hessian of ``B/4`` examples (larger than the full-batch one when examples disagree), and the noise
   statistics have the standard errors of ``min(32, B)`` examples (``gradnoise/snr_stderr``).
   docs/results/probes.md has the measurements.
 * ``"full"`` — everything: top-3 Hessian eigenvalues (Adam-preconditioned too when an Adam-type

@@ -9,7 +9,8 @@ would make first (defaults); when it refuses for memory, the fix its message nam
 exception raised in lmech's own code, whose message is one line; anything else (a traceback out of
 torch or transformers) is a defect and is marked so.
 
-    PYTHONPATH=src python scripts/usual_sizes.py                  # base sizes, ~1 h on one thread
+    PYTHONPATH=src python scripts/usual_sizes.py                  # base sizes: hours on one thread
+    PYTHONPATH=src python scripts/usual_sizes.py --models bert     # one model (run models side by side)
     PYTHONPATH=src python scripts/usual_sizes.py --size tiny --out /tmp/x.md
 
 Writes docs/results/usual-sizes.md (``--out``); peak memory is the process's peak resident set

@@ -1,9 +1,12 @@
 """Monitor cost on a real model: transformers GPT-2 (random init, about 10M parameters, CPU, one
 thread), economy preset every 100 steps, next to the MLP of benchmarks/monitor_overhead.py.
 
-Per repeat: median AdamW training-step time over ``--steps`` steps and one economy measurement
-(per-probe seconds from the Monitor's ``<probe>/seconds``); overhead at every=100 is
-measurement / (100 x step). Medians over ``--repeats``, interleaved in one process.
+Per repeat: median AdamW training-step time over ``--steps`` steps, one measurement of the economy
+preset with its fixed samples (32 examples for gradient noise, 64 for sharpness) and one of the
+economy preset sized by the training batch (``preset("economy", train_batch=--batch)``), with
+per-probe seconds from the Monitor's ``<probe>/seconds``; overhead at every=100 is measurement /
+(100 x step). Medians over ``--repeats``, interleaved in one process; the last line is the ratio
+of the two overheads.
 
     PYTHONPATH=src python benchmarks/monitor_overhead_gpt2.py --repeats 3
 """
@@ -18,6 +21,7 @@ import warnings
 import torch
 
 from lmech import Monitor
+from lmech.monitor import preset
 from lmech.integrations.zoo import gpt2
 
 
@@ -37,8 +41,12 @@ def main() -> None:
           f"probe batch {args.probe_examples} (economy uses 32 for gradient noise, 64 for sharpness)")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(0)
-    mon = Monitor(model, loss_fn, z.batch, probes="economy", every=100, output="logits")
-    steps, measures, per_probe = [], [], {}
+    monitors = {"fixed": Monitor(model, loss_fn, z.batch, probes="economy", every=100, output="logits"),
+                "sized": Monitor(model, loss_fn, z.batch, probes=preset("economy", train_batch=args.batch),
+                                 every=100, output="logits")}
+    steps = []
+    measures = {name: [] for name in monitors}
+    per_probe = {name: {} for name in monitors}
     for r in range(args.repeats):
         model.train()
         times = []
@@ -50,21 +58,29 @@ def main() -> None:
             opt.step()
             times.append(time.perf_counter() - t0)
         steps.append(statistics.median(times))
-        t0 = time.perf_counter()
-        m = mon.measure(100 * r, optimizer=opt)
-        measures.append(time.perf_counter() - t0)
-        for k, v in m.items():
-            if k.endswith("/seconds"):
-                per_probe.setdefault(k[: -len("/seconds")], []).append(float(v))
-        print(f"repeat {r}: step {steps[-1] * 1e3:.0f} ms, measurement {measures[-1]:.2f} s", flush=True)
-    step, meas = statistics.median(steps), statistics.median(measures[1:] or measures)
-    print(f"\nmedian training step {step * 1e3:.0f} ms; economy measurement {meas:.2f} s "
-          f"(after the first; first {measures[0]:.2f} s)")
-    print(f"overhead at every=100: {meas / (100 * step):.1%} of training time")
-    for name, vals in per_probe.items():
-        v = statistics.median(vals[1:] or vals)
-        print(f"  {name:10s} {v:7.2f} s  ({v / (100 * step):.1%})")
-
+        for name, mon in monitors.items():
+            t0 = time.perf_counter()
+            m = mon.measure(100 * r, optimizer=opt)
+            measures[name].append(time.perf_counter() - t0)
+            for k, v in m.items():
+                if k.endswith("/seconds"):
+                    per_probe[name].setdefault(k[: -len("/seconds")], []).append(float(v))
+        print(f"repeat {r}: step {steps[-1] * 1e3:.0f} ms, measurement "
+              + ", ".join(f"{name} {measures[name][-1]:.2f} s" for name in monitors), flush=True)
+    step = statistics.median(steps)
+    print(f"\nmedian training step {step * 1e3:.0f} ms")
+    overhead = {}
+    for name in monitors:
+        meas = statistics.median(measures[name][1:] or measures[name])
+        overhead[name] = meas / (100 * step)
+        label = "fixed samples (32 / 64 examples)" if name == "fixed" else \
+            f"sized by the training batch (train_batch={args.batch})"
+        print(f"economy, {label}: measurement {meas:.2f} s (after the first; first {measures[name][0]:.2f} s), "
+              f"overhead at every=100: {overhead[name]:.1%}")
+        for probe, vals in per_probe[name].items():
+            v = statistics.median(vals[1:] or vals)
+            print(f"  {probe:10s} {v:7.2f} s  ({v / (100 * step):.1%})")
+    print(f"ratio fixed / sized overhead: {overhead['fixed'] / overhead['sized']:.1f}x")
 
 if __name__ == "__main__":
     main()

@@ -4,7 +4,7 @@ configs with random weights, fed dict batches (``model(**batch)``) with ``output
 Reduced ("tiny") configs in float64: every probe's value against a brute-force computation (the
 explicit Hessian ``torch.func.hessian``, the explicit Jacobian ``torch.func.jacrev`` of the whole
 batch, per-example gradients by a Python loop of ``torch.autograd.grad``, the hidden states the
-model returns itself). The usual sizes are in ``benchmarks/model_zoo.py`` and the slow test at the
+model returns itself). The usual sizes are in ``scripts/usual_sizes.py`` and the slow test at the
 end; a "small" (about 10M parameters) GPT-2 runs the economy Monitor in CI.
 """
 

@@ -36,6 +36,7 @@ __all__ = [
     "Matvec",
     "MemoryBudgetError",
     "check_memory",
+    "lanczos_memory_check",
     "EigenResult",
     "lanczos",
     "TraceEstimate",
@@ -61,6 +62,21 @@ def check_memory(nbytes: int, max_bytes: int | None, what: str, shrink: str) -> 
             f"{what} needs {nbytes / 2**20:.1f} MiB > budget {max_bytes / 2**20:.1f} MiB; "
             f"{shrink}, or raise the budget"
         )
+
+
+def lanczos_memory_check(dim: int, k: int, max_iter: int | None, dtype: torch.dtype | None,
+                         max_bytes: int | None) -> int:
+    """The number of Lanczos steps :func:`lanczos` would take at most (``max_iter``, default
+    ``max(2k + 40, 80)``, capped at ``dim``), after checking that its basis of that many plus one
+    vectors fits ``max_bytes`` (:class:`MemoryBudgetError` otherwise). Callers that do expensive
+    work before :func:`lanczos` (a gradient start) call it first, so that they refuse at once."""
+    m_max = min(dim, max(2 * k + 40, 80)) if max_iter is None else min(int(max_iter), dim)
+    if m_max < k:
+        raise ValueError(f"max_iter={m_max} < k={k}; raise max_iter")
+    itemsize = torch.empty((), dtype=dtype or torch.get_default_dtype()).element_size()
+    check_memory((m_max + 1) * dim * itemsize, max_bytes, f"the Lanczos basis ({m_max + 1} x {dim})",
+                 "lower max_iter or select fewer parameters")
+    return m_max
 
 
 def _generator(generator: torch.Generator | None, seed: int) -> torch.Generator:
@@ -193,12 +209,7 @@ def lanczos(
         dtype = v0.dtype if dtype is None else dtype
         device = v0.device if device is None else device
     dtype = dtype or torch.get_default_dtype()
-    m_max = min(dim, max(2 * k + 40, 80)) if max_iter is None else min(int(max_iter), dim)
-    if m_max < k:
-        raise ValueError(f"max_iter={m_max} < k={k}; raise max_iter")
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    check_memory((m_max + 1) * dim * itemsize, max_bytes, f"the Lanczos basis ({m_max + 1} x {dim})",
-                 "lower max_iter or select fewer parameters")
+    m_max = lanczos_memory_check(dim, k, max_iter, dtype, max_bytes)
     gen = _generator(generator, seed)
 
     Q = torch.empty(m_max + 1, dim, dtype=dtype, device=device)  # row j is written before it is read

@@ -1,6 +1,6 @@
 """Third-party models built from configs with random weights (nothing is downloaded), with a
 probe batch and a loss for each: the model zoo of the integration tests and of
-``benchmarks/model_zoo.py``.
+``scripts/usual_sizes.py``.
 
 Needs ``transformers`` (extra ``lmech[hf]``). The ResNet-18 is ``transformers``'
 ``ResNetForImageClassification`` from a ``ResNetConfig`` with ResNet-18's widths and depths
@@ -19,7 +19,7 @@ Hugging Face data collator gives (a dict of tensors, examples along dim 0; ``mod
 
 Sizes: ``"tiny"`` (a few thousand parameters: brute-force checks against explicit Hessians and
 Jacobians), ``"small"`` (about 10M parameters), ``"base"`` (the published small size: GPT-2
-124M, BERT-base 110M, ResNet-18 11.7M).
+124M, BERT-base 110M, ResNet-18 11.2M at 10 classes, 11.7M with 1,000).
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def bert(size: Size = "tiny", *, examples: int = 8, seq: int | None = None, seed
 def resnet18(size: Size = "tiny", *, examples: int = 8, image: int | None = None, seed: int = 0,
              num_labels: int = 10, dtype: torch.dtype = torch.float32) -> ZooModel:
     """``ResNetForImageClassification`` with BatchNorm (``"base"``: ResNet-18's widths 64-512 and
-    depths 2-2-2-2, basic blocks, 11.7M parameters at 10 classes)."""
+    depths 2-2-2-2, basic blocks, 11.2M parameters at 10 classes, 11.7M with ImageNet's 1,000)."""
     dims = {"tiny": dict(embedding_size=4, hidden_sizes=[4, 8], depths=[1, 1]),
             "small": dict(embedding_size=32, hidden_sizes=[32, 64, 128, 256], depths=[2, 2, 2, 2]),
             "base": dict(embedding_size=64, hidden_sizes=[64, 128, 256, 512], depths=[2, 2, 2, 2])}[size]

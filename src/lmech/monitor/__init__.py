@@ -58,6 +58,22 @@ Presets (``probes=``):
   Cost: ``benchmarks/monitor_overhead.py --repeats 9`` measures it per probe and as a share of
   training time (figures in docs/results/probes.md, "Monitor overhead"). Sharpness is the
   floor: its gradient with ``create_graph`` and its HVPs are matrix products on 64 examples.
+
+  *Sized by the training batch* (``preset("economy", train_batch=B)``, ``B`` examples per
+  training step): the fixed 32 and 64 examples above cost in proportion to the probe batch, not
+  to training, so a model trained on a few long sequences pays many training steps per
+  measurement. Given ``B``, gradient noise uses the first :math:`\min(32, B)` examples (at least
+  3) and sharpness the first :math:`\min(64, \lfloor B/4 \rfloor)` (at least 1). Cost model, in
+  training steps (one forward and backward of ``B`` examples): per-example gradients of at most
+  ``B`` examples cost about one to three steps (``vmap`` overhead), sharpness (a ``create_graph``
+  gradient plus at most 4 HVPs, each about two gradients) about ten gradients of ``B/4``
+  examples, i.e. about 2.5 steps, the weights probe does not grow with the data; with the probe
+  loss (one forward pass of the probe batch: about a third of a step per ``B`` examples) a
+  measurement is a handful of training steps (more with a probe batch many times ``B``), under
+  10% of training time amortized at ``every=100``. The price is statistical: sharpness is the
+  top eigenvalue of the Hessian of ``B/4`` examples (larger than the full-batch one when
+  examples disagree), and the noise statistics have the standard errors of ``min(32, B)``
+  examples (``gradnoise/snr_stderr``). docs/results/probes.md has the measurements.
 * ``"full"`` — everything: top-3 Hessian eigenvalues (Adam-preconditioned too when an Adam-type
   optimizer is passed to :meth:`Monitor.step`) with per-layer values, Hessian trace and spectral
   density, the NTK on 64 examples with per-layer traces and drift, gradient noise with per-layer

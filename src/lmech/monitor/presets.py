@@ -51,18 +51,27 @@ class LossProbe:
         return metrics
 
 
-def preset(name: Literal["economy", "full"]) -> list[Probe]:
-    """The probe list of a preset (module docstring); fresh objects each call."""
+def preset(name: Literal["economy", "full"], *, train_batch: int | None = None) -> list[Probe]:
+    """The probe list of a preset (module docstring); fresh objects each call.
+
+    ``train_batch``: the number of examples in one training step. Given, the economy preset sizes
+    its samples by it instead of the fixed 32 and 64 examples (module docstring, "sized by the
+    training batch"): ``Monitor(model, loss_fn, batch, probes=preset("economy", train_batch=8))``.
+    """
     from lmech.probes.gradnoise import GradNoiseProbe
     from lmech.probes.ntk import NTKProbe
     from lmech.probes.representations import RepresentationProbe
     from lmech.probes.sharpness import HessianTraceProbe, SharpnessProbe, SpectralDensityProbe
     from lmech.probes.weights import WeightSpectrumProbe
 
+    if train_batch is not None and not (isinstance(train_batch, int) and train_batch >= 1):
+        raise ValueError(f"train_batch must be a positive number of examples, got {train_batch!r}")
     if name == "economy":
-        return [LossProbe(), GradNoiseProbe(per_layer=True, num_examples=32),
+        noise, curvature = (32, 64) if train_batch is None else (max(3, min(32, train_batch)),
+                                                                 max(1, min(64, train_batch // 4)))
+        return [LossProbe(), GradNoiseProbe(per_layer=True, num_examples=noise),
                 WeightSpectrumProbe(fit_power_law=False, tol=1e-3),
-                SharpnessProbe(k=1, tol=5e-2, max_iter=4, num_examples=64)]
+                SharpnessProbe(k=1, tol=5e-2, max_iter=4, num_examples=curvature)]
     if name == "full":
         return [LossProbe(), SharpnessProbe(k=3, preconditioned="auto", per_layer=True),
                 HessianTraceProbe(num_matvecs=30), SpectralDensityProbe(),

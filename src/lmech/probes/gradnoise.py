@@ -182,6 +182,9 @@ def grad_noise(
             float32, figures in docs/results/probes.md), with a relative error of about
             :math:`\epsilon(1+\mathrm{GSNR}_k)` in :math:`\hat\sigma^2_k` from the cancellation in
             :math:`\sum_i g_{ik}^2 - b\bar g_k^2`. The ``"vmap"`` path always combines in float64.
+            BackPACK's ``Variance`` statistics alone, at its precision: ``stderr=False,
+            summaries=False, precision="model"``; the defaults' extra time is almost all the
+            float64 products, the price of their exactness (docs/results/probes.md).
         group: ``None`` (one process), a :class:`lmech.core.distributed.Distributed` context or a
             process group: ``batch`` is this rank's shard, and the statistics are those of the
             global batch, the shards concatenated in rank order (sufficient statistics combined

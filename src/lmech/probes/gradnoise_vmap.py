@@ -77,10 +77,10 @@ class _VmapPass:
                 sq_parts.append(torch.stack([torch.linalg.vector_norm(r, dim=1).square_() for r in rows]).to(dt))
             if len(self.spans) == 1:
                 self._held = rows  # kept for the dots, then centered in place
-            else:
+            else:  # merged as they come: two P-sized float64 vectors, not two per chunk
                 moments = [_moments(r, with_dot=False) for r in rows]
-                self._moments.append((torch.cat([mo[0] for mo in moments]).to(dt) / (c - a),
-                                      torch.cat([mo[1] for mo in moments]).to(dt), c - a))
+                self._moments = _merge(self._moments, torch.cat([mo[0] for mo in moments]).to(dt) / (c - a),
+                                       torch.cat([mo[1] for mo in moments]).to(dt), c - a)
             del g, rows
         self.sums = sums
         self.sq = torch.cat(sq_parts, 1) if stderr else None
@@ -128,3 +128,14 @@ class _VmapPass:
                 m2 = m2 + chunk_m2 + delta**2 * (seen * m / total)
             seen += m
         return m2
+
+
+def _merge(moments: list[tuple[Tensor, Tensor, int]], mean: Tensor, m2: Tensor, m: int) -> list:
+    """``[(mean, m2, count)]`` of the examples so far and of a new chunk, combined (Chan, Golub &
+    LeVeque 1979; the same update as :meth:`_VmapPass.centered`)."""
+    if not moments:
+        return [(mean, m2, m)]
+    (mean0, m20, seen), = moments
+    total = seen + m
+    delta = mean - mean0
+    return [(mean0 + delta * (m / total), m20 + m2 + delta**2 * (seen * m / total), total)]

@@ -202,7 +202,7 @@ class PathRecorder:
         self.itemsize = max(p.element_size() for p in self.fm.params.values())
         check_memory(self.memory_estimate(), max_bytes,
                      f"the path recorder (|S|={self.n}, |Q|={self.m}, {self.o} outputs, {self.fm.numel} parameters)",
-                     "use fewer training/query examples, a parameter subset (params=), or raise max_bytes")
+                     "use fewer training/query examples or a parameter subset (params=)")
         self._state: dict | None = None
         self.path: GramianPath | None = None
         self.window_path: GramianPath | None = None

@@ -224,22 +224,29 @@ class HessianOperator:
                 self._chunks.append((xs, ys, xs[0].shape[0] / n))
         self.num_matvecs = 0
         self._leaves = self._grads = None
-        if len(self._chunks) == 1:
+
+    def _cached_graph(self) -> bool:
+        """Whole-batch path: the gradient with ``create_graph``, built at the first product or
+        gradient (not in the constructor, so that a caller's memory check comes first)."""
+        if len(self._chunks) != 1:
+            return False
+        if self._grads is None:
             xs, ys, _ = self._chunks[0]
-            leaves = {n: p.detach().requires_grad_() for n, p in fm.params.items()}
+            leaves = {n: p.detach().requires_grad_() for n, p in self.fm.params.items()}
             with torch.enable_grad(), differentiable_kernels():
-                loss = loss_fn(fm(leaves, *xs), ys)
+                loss = self.loss_fn(self.fm(leaves, *xs), ys)
                 grads = torch.autograd.grad(loss, list(leaves.values()), create_graph=True,
                                             allow_unused=True, materialize_grads=True)
             self._leaves, self._grads = list(leaves.values()), grads
             # gradients that do not depend on w (loss linear in that tensor): H-rows of zero
             self._live = [i for i, g in enumerate(grads) if g.requires_grad]
+        return True
 
     def _hvp(self, v: dict[str, Tensor]) -> dict[str, Tensor]:
         fm, loss_fn = self.fm, self.loss_fn
         if not self._chunks:
             return {n: torch.zeros_like(t) for n, t in v.items()}
-        if self._grads is not None:
+        if self._cached_graph():
             vs = list(v.values())
             if not self._live:
                 return {n: torch.zeros_like(t) for n, t in v.items()}
@@ -266,7 +273,7 @@ class HessianOperator:
         Free on the whole-batch path (the cached gradient); with ``batch_size`` one gradient
         pass over the chunks, :math:`\sum_c \frac{n_c}{n} \nabla L_c`. Not counted in
         :attr:`num_matvecs`."""
-        if self._grads is not None:
+        if self._cached_graph():
             g = torch.cat([t.detach().reshape(-1) for t in self._grads])
         else:
             g = None

@@ -375,10 +375,14 @@ def ntk(
         with differentiable_kernels():
             return _ntk_products(fm, xs1, xs2, w, trace_outputs, chunk_size, cost.products_block)
     # the chosen algorithm cannot fit even one example next to the kernel: refuse
-    smallest = 2 * cost.example_jacobian_bytes if choice == "jacobian" else cost.products_column_bytes
+    algorithm = "jacobian" if choice == "jacobian" else "products"  # "none": the products' need
+    smallest = 2 * cost.example_jacobian_bytes if algorithm == "jacobian" else cost.products_column_bytes
+    outputs = cost.example_jacobian_bytes // (fm.numel * _itemsize(fm))
     check_memory(cost.kernel_bytes + smallest, max_bytes,
-                 f"the NTK ({choice}: one example's working memory next to the kernel)",
-                 "select fewer parameters (params=), use fewer examples, or trace_outputs=True")
+                 f"the NTK ({algorithm}: one example's working memory, {outputs} outputs x {fm.numel} "
+                 "parameters, next to the kernel)",
+                 "select fewer parameters (params=) or fewer outputs per example (output= a callable)"
+                 + ("" if trace_outputs else ", trace_outputs=True"))
     raise AssertionError("unreachable: a block of one example fits the budget")
 
 

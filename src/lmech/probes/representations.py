@@ -337,7 +337,8 @@ def layer_features(model: nn.Module, inputs, layers: list[str] | None = None) ->
 
     ``layers`` defaults to every module that directly owns parameters (``nn.Linear``,
     ``nn.Conv*``, ``nn.Embedding``, norms, ...), in model order. Forward hooks are registered for
-    one forward pass (under ``torch.no_grad``, model run as is) and removed. A module that returns
+    one forward pass (under ``torch.no_grad``, model run as is: in training mode BatchNorm uses the
+    batch statistics, and its running statistics are restored afterwards) and removed. A module that returns
     a tuple contributes its first tensor. By default, a module whose output is not per example
     (first dim not the batch size, e.g. a positional embedding's ``(T, d)`` table, or one applied
     to position ids of shape ``(1, T)``) is left out. ``inputs`` as in :func:`lmech.probes.ntk` (a
@@ -365,6 +366,9 @@ def layer_features(model: nn.Module, inputs, layers: list[str] | None = None) ->
         return fn
 
     handles = [modules[n].register_forward_hook(hook(n)) for n in layers]
+    # a module in training mode may write to its buffers (BatchNorm's running statistics): put
+    # them back, so that reading the features leaves the model as it was
+    buffers = [(b, b.clone()) for b in model.buffers()] if any(m.training for m in model.modules()) else []
     try:
         xs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         with torch.no_grad():
@@ -372,6 +376,9 @@ def layer_features(model: nn.Module, inputs, layers: list[str] | None = None) ->
     finally:
         for h in handles:
             h.remove()
+        with torch.no_grad():
+            for b, saved in buffers:
+                b.copy_(saved)
     n = xs[0].shape[0] if xs and isinstance(xs[0], Tensor) else None
     return {name: feats[name] for name in layers
             if name in feats and not (per_example_only and n is not None and feats[name].shape[0] != n)}

@@ -53,7 +53,7 @@ from torch import Tensor, nn
 
 from lmech.core.batch import Output
 from lmech.core.functional import DEFAULT_MAX_BYTES, ParamSelector
-from lmech.core.linalg import EigenResult, lanczos
+from lmech.core.linalg import EigenResult, lanczos, lanczos_memory_check
 from lmech.probes.base import Cost, TrainState, layer_groups, subsample
 from lmech.probes.hessian import HessianOperator, _resolve_preconditioner, adam_preconditioner  # noqa: F401
 from lmech.probes.hessian_spectrum import (  # noqa: F401  (re-exported: their former home)
@@ -196,6 +196,7 @@ def sharpness(
     if start not in ("gradient", "random"):
         raise ValueError(f"start must be 'gradient' or 'random', got {start!r}")
     op = HessianOperator(model, loss_fn, batch, params, preconditioner, batch_size, group, output=output)
+    lanczos_memory_check(op.dim, k, max_iter, op.dtype, max_bytes)  # before any gradient is taken
     if v0 is None and start == "gradient":
         v0 = _gradient_start(op, seed)
     if op.dist is not None and v0 is not None:
